@@ -1,0 +1,109 @@
+"""Command line: argument parsing, and nothing else."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USAGE = 2
+
+
+def _device(arg: str | None) -> str:
+    import torch
+    if arg:
+        if arg.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: CUDA is not available on this machine")
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive(name):
+    def parse(s):
+        v = int(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pt2llm", description="Post-training ternarization of causal LMs (PT²-LLM).")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's decoder linears and save the result",
+                       description="Quantize every decoder linear layer of MODEL, layer by layer (GPTQ framework), "
+                                   "and write a loadable folder.")
+    q.add_argument("model", metavar="MODEL", help="hub id, local HF folder, .gguf file, or demo alias "
+                   "(smollm2-135m, qwen2.5-coder-0.5b)")
+    q.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    q.add_argument("--method", default="pt2", choices=["pt2", "rtn", "gptq"],
+                   help="pt2: PT²-LLM ternary (default); rtn: TWN ternary per block, no data; gptq: uniform int-k GPTQ")
+    q.add_argument("--bits", type=int, default=2, help="code bits for --method gptq (2..8, default 2)")
+    q.add_argument("--block-size", type=_positive("--block-size"), default=128,
+                   help="columns per block sharing one (alpha, mu) per row (default 128)")
+    q.add_argument("--no-itf", action="store_true", help="skip Iterative Ternary Fitting (ablation)")
+    q.add_argument("--no-aga", action="store_true", help="skip Activation-aware Grid Alignment (ablation)")
+    q.add_argument("--max-iters", type=_positive("--max-iters"), default=50, help="ITF iteration cap (default 50)")
+    q.add_argument("--reorder", choices=["ssr", "hessian", "random", "none"], default=None,
+                   help="column order: ssr (default for pt2), hessian (GPTQ act-order), random, none (default for rtn/gptq)")
+    q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
+    q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")
+    q.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random orders (default 0)")
+    q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
+    q.add_argument("--device", default=None, help="compute device: cpu | cuda | cuda:N (default: cuda if available)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = sub.add_parser("generate", help="generate text from a model (greedy)")
+    g.add_argument("model", metavar="DIR_OR_MODEL")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64)
+    g.add_argument("--device", default=None)
+
+    i = sub.add_parser("inspect", help="bits per weight, size and a per-layer table of a quantized folder")
+    i.add_argument("dir", metavar="DIR")
+    i.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+
+    e = sub.add_parser("eval", help="perplexity (GPTQ protocol) of one or more models",
+                       description="Perplexity by GPTQ's protocol: non-overlapping windows of --seqlen tokens over "
+                                   "the whole test text, exp of the mean token NLL.")
+    e.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="float models or quantized folders, compared side by side")
+    e.add_argument("--ppl", default="wikitext2,c4", help="comma-separated: wikitext2, c4, ptb (default wikitext2,c4)")
+    e.add_argument("--seqlen", type=_positive("--seqlen"), default=2048)
+    e.add_argument("--limit-windows", type=_positive("--limit-windows"), default=None,
+                   help="score only the first N windows of each set (quick checks; not comparable to full runs)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import commands
+    try:
+        return getattr(commands, args.cmd)(args)
+    except KeyboardInterrupt:
+        print("pt2llm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line unless --debug
+        if args.debug or not commands.is_user_error(e):
+            raise
+        print(f"pt2llm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _json_default(o):
+    return str(o)
+
+
+def dump_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""What each CLI command does (cli.py only parses)."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data
+from .cli import _device, dump_json
+from .model import driver, sources
+
+
+def is_user_error(e: Exception) -> bool:
+    return isinstance(e, (sources.SourceError, data.DataError, checkpoint.CheckpointError,
+                          driver.DriverError, ValueError, FileNotFoundError, PermissionError))
+
+
+def _peak_host_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def quantize(args) -> int:
+    device = _device(args.device)
+    cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
+                             itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
+                             max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise checkpoint.CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model, tok, source = sources.load_float(args.model, dtype=dtype, progress=not args.no_progress)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and args.seqlen > ctx:
+        raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({ctx} tokens)")
+    calib = None
+    if cfg.method != "rtn":
+        calib = data.calibration_windows(args.calib, tok, args.nsamples, args.seqlen, args.seed,
+                                         model=model, device=device)
+    else:
+        calib = torch.empty(0, 0, dtype=torch.long)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    stats = driver.DriverStats()
+    modules = driver.quantize_model(model, calib, cfg, device=device, progress=not args.no_progress, stats=stats)
+    qc = {**cfg.to_dict(), "calibration": None if cfg.method == "rtn" else
+          {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
+          "source_model": source, "modules": modules}
+    checkpoint.save(model, tok, out, qc, overwrite=args.overwrite)
+    wall = time.perf_counter() - t0
+    gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
+    print(f"quantized {len(modules)} linears ({cfg.method}) in {wall:.1f} s on {device}: "
+          f"peak host {_peak_host_gib():.2f} GiB{gpu}; saved {out}", file=sys.stderr)
+    for name, damp, rebuilt in stats.damping_raised:
+        print(f"  note: {name}: damping raised to {damp:g}, inverse rebuilt {rebuilt}x", file=sys.stderr)
+    return 0
+
+
+def generate(args) -> int:
+    device = _device(args.device)
+    model, tok, _ = sources.load_any(args.model, device=device)
+    ids = tok(args.prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def inspect_dir(path) -> dict:
+    """Bits per quantized weight, sizes and a per-module table, from the safetensors header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    qc = checkpoint.read_quantization_config(path)
+    st = path / "model.safetensors"
+    if not st.is_file():
+        raise checkpoint.CheckpointError(f"{path} has no model.safetensors")
+    sizes = {}
+    with safe_open(str(st), framework="pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            shape = sl.get_shape()
+            n = 1
+            for s in shape:
+                n *= s
+            sizes[k] = (shape, n * _dtype_bytes(sl.get_dtype()))
+    rows, qbytes, qweights = [], 0, 0
+    for name in qc["modules"]:
+        parts = [sizes[f"{name}.{b}"] for b in ("packed", "alpha", "mu", "perm")]
+        out_f, in_f = parts[1][0][0], parts[3][0][0]
+        nbytes = sum(p[1] for p in parts)
+        rows.append({"module": name, "out": out_f, "in": in_f, "bytes": nbytes,
+                     "bits_per_weight": 8 * nbytes / (out_f * in_f)})
+        qbytes += nbytes
+        qweights += out_f * in_f
+    total = sum(v[1] for v in sizes.values())
+    return {"dir": str(path), "method": qc.get("method"), "block_size": qc.get("block_size"),
+            "quantized_modules": len(rows), "quantized_weights": qweights, "quantized_bytes": qbytes,
+            "bits_per_weight": 8 * qbytes / max(qweights, 1), "file_bytes": st.stat().st_size,
+            "other_bytes": total - qbytes, "modules": rows}
+
+
+def _dtype_bytes(name: str) -> int:
+    return {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "F32": 4, "I32": 4,
+            "U32": 4, "F64": 8, "I64": 8, "U64": 8}[name]
+
+
+def inspect(args) -> int:
+    rep = inspect_dir(args.dir)
+    print(f"{'module':<40} {'out x in':>13} {'bits/w':>7} {'bytes':>10}")
+    for r in rep["modules"]:
+        print(f"{r['module']:<40} {str(r['out']) + 'x' + str(r['in']):>13} {r['bits_per_weight']:>7.3f} {r['bytes']:>10}")
+    print(f"method {rep['method']}, block {rep['block_size']}: {rep['quantized_modules']} quantized linears, "
+          f"{rep['quantized_weights']:,} weights in {rep['quantized_bytes']:,} bytes = "
+          f"{rep['bits_per_weight']:.3f} bits per weight (codes + alpha/mu + column order)")
+    print(f"model.safetensors: {rep['file_bytes'] / 2**20:.1f} MiB "
+          f"(of which {rep['other_bytes'] / 2**20:.1f} MiB unquantized: embeddings, norms, lm_head, biases)")
+    if args.json:
+        dump_json(rep, args.json)
+    return 0
+
+
+def eval(args) -> int:  # noqa: A001 (the command's name)
+    from .eval.perplexity import perplexity
+
+    device = _device(args.device)
+    sets = [s for s in args.ppl.split(",") if s]
+    for s in sets:
+        if s not in data.EVAL_SETS:
+            raise ValueError(f"--ppl {s!r}: expected a comma-separated list of {', '.join(data.EVAL_SETS)}")
+    results = []
+    for spec in args.models:
+        model, tok, source = sources.load_any(spec, progress=not args.no_progress, device=device)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        if ctx is not None and args.seqlen > ctx:
+            raise ValueError(f"--seqlen {args.seqlen} is longer than {spec}'s context ({ctx} tokens)")
+        row = {"model": spec, "quantized": bool(source.get("quantized")), "device": device}
+        for s in sets:
+            r = perplexity(model, tok, s, seqlen=args.seqlen, limit_windows=args.limit_windows,
+                           device=device, progress=not args.no_progress)
+            row[s] = r
+        results.append(row)
+        del model
+    width = max(len(r["model"]) for r in results)
+    print(f"{'model':<{width}}  " + "  ".join(f"{s:>12}" for s in sets))
+    for r in results:
+        print(f"{r['model']:<{width}}  " + "  ".join(f"{_fmt(r[s]['ppl']):>12}" for s in sets))
+    n = {s: results[0][s]["windows"] for s in sets}
+    print("windows of %d tokens: %s" % (args.seqlen, ", ".join(f"{s} {n[s]}" for s in sets)))
+    if args.json:
+        dump_json({"seqlen": args.seqlen, "results": results}, args.json)
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"

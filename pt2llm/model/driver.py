@@ -1,0 +1,275 @@
+"""Sequential, layer-by-layer quantization of a decoder-only causal LM (GPTQ's driver).
+
+One decoder layer at a time lives on the compute device. The calibration activations
+entering layer 0 are captured once (with whatever extra arguments the model passes its
+layers: position embeddings, masks); each layer is then quantized sub-layer group by
+sub-layer group in execution order (q/k/v, o, gate/up, down for Llama), re-running the
+layer between groups so every group sees the outputs of the already-quantized ones
+(true-sequential); finally the quantized layer's outputs become the next layer's inputs.
+Groups are found by watching a forward pass: consecutive linears that read the same
+input tensor share one Hessian. No per-architecture table.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .. import ternary
+from ..nn import TernaryLinear
+
+log = logging.getLogger(__name__)
+
+
+class DriverError(ValueError):
+    """The model cannot be quantized as given (message says why)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class QuantConfig:
+    method: str = "pt2"          # pt2 | rtn | gptq
+    bits: int = 2                # gptq only
+    block_size: int = 128
+    itf: bool = True
+    aga: bool = True
+    reorder: str | None = None   # None: ssr for pt2, none for rtn/gptq
+    max_iters: int = 50
+    percdamp: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ternary.METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {ternary.METHODS}")
+        if self.block_size <= 0:
+            raise ValueError(f"block size must be positive, got {self.block_size}")
+        if self.method == "gptq" and not 2 <= self.bits <= 8:
+            raise ValueError(f"--bits must be in 2..8 for gptq, got {self.bits}")
+        if self.reorder is None:
+            self.reorder = "ssr" if self.method == "pt2" else "none"
+        if self.reorder not in ternary.ssr.ORDERS:
+            raise ValueError(f"unknown reorder {self.reorder!r}; expected one of {ternary.ssr.ORDERS}")
+        if self.method == "rtn" and self.reorder == "hessian":
+            raise ValueError("rtn uses no calibration data, so it cannot use --reorder hessian")
+
+    @property
+    def code_bits(self) -> int | None:
+        """None for ternary codes, k for the uint-k GPTQ baseline."""
+        return self.bits if self.method == "gptq" else None
+
+    def quantizer(self) -> ternary.BlockQuantizer:
+        return ternary.make_quantizer(self.method, bits=self.bits, itf=self.itf, aga=self.aga,
+                                      max_iters=self.max_iters)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.method != "gptq":
+            d.pop("bits")
+        return d
+
+
+@dataclass
+class DriverStats:
+    seconds: dict = field(default_factory=lambda: {"capture": 0.0, "forward": 0.0, "quantize": 0.0})
+    layers: list = field(default_factory=list)   # per layer: name, seconds
+    damping_raised: list = field(default_factory=list)
+
+
+def find_decoder_layers(model: nn.Module):
+    """(parent module, ModuleList of decoder layers, dotted name)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return base, layers, "model.layers"
+    best = None
+    for name, mod in model.named_modules():
+        if (isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1
+                and any(isinstance(x, nn.Linear) for x in mod[0].modules())):
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        tree = ", ".join(f"{n} ({type(c).__name__})" for n, c in model.named_children())
+        raise DriverError(f"found no decoder layers (a ModuleList of blocks holding nn.Linear); "
+                          f"top-level modules: {tree}")
+    parent = model.get_submodule(best[0].rsplit(".", 1)[0]) if "." in best[0] else model
+    return parent, best[1], best[0]
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, parent, layers, calib: torch.Tensor, device):
+    """Run the calibration windows up to the first decoder layer. Returns (list of
+    hidden states [1, seqlen, hidden] on device, extra args, extra kwargs)."""
+    moved = [c for c in parent.children() if c is not layers]
+    for c in moved:
+        c.to(device)
+    inps, extra = [], {}
+
+    def grab(module, args, kwargs):
+        inps.append(args[0].detach())
+        if not extra:
+            extra["args"], extra["kwargs"] = args[1:], dict(kwargs)
+        raise _StopForward
+
+    h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(calib.shape[0]):
+            try:
+                model(input_ids=calib[i:i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+        for c in moved:
+            c.to("cpu")
+    if len(inps) != calib.shape[0]:
+        raise DriverError("the model never called its first decoder layer")
+    kwargs = extra["kwargs"]
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs["use_cache"] = False
+    return inps, extra["args"], kwargs
+
+
+@torch.no_grad()
+def linear_groups(layer: nn.Module, x, args, kwargs) -> list[list[str]]:
+    """Linears of a layer grouped by shared input, in execution order."""
+    names = {mod: name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def rec(module, inp):
+        calls.append((names[module], inp[0]))
+
+    hooks = [m.register_forward_pre_hook(rec) for m in names]
+    try:
+        layer(x, *args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups, seen, prev = [], set(), None
+    for name, inp in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if prev is not None and inp is prev:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        prev = inp
+    missing = set(names.values()) - seen
+    if missing:
+        log.warning("linears never called in a forward pass stay unquantized: %s", sorted(missing))
+    return groups
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, device="cpu",
+                   progress: bool = True, stats: DriverStats | None = None) -> list[str]:
+    """Quantize every decoder linear of `model` in place; returns the dotted names of the
+    replaced modules. calib: LongTensor [nsamples, seqlen]."""
+    from tqdm.auto import tqdm
+
+    stats = stats if stats is not None else DriverStats()
+    device = torch.device(device)
+    parent, layers, layers_name = find_decoder_layers(model)
+    quantizer = config.quantizer()
+    use_data = config.method != "rtn"
+    t0 = time.perf_counter()
+    if use_data:
+        inps, args, kwargs = capture_layer_inputs(model, parent, layers, calib, device)
+    stats.seconds["capture"] += time.perf_counter() - t0
+
+    replaced = []
+    bar = tqdm(range(len(layers)), desc=f"quantize ({config.method})", unit="layer", disable=not progress)
+    for i in bar:
+        t_layer = time.perf_counter()
+        layer = layers[i].to(device)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        for n, m in linears.items():
+            if not bool(torch.isfinite(m.weight).all()):
+                raise DriverError(f"non-finite weights in {layers_name}.{i}.{n}: refusing to quantize")
+        if use_data:
+            t = time.perf_counter()
+            groups = linear_groups(layer, inps[0], args, kwargs)
+            stats.seconds["forward"] += time.perf_counter() - t
+        else:
+            groups = [[n] for n in linears]
+        results = {}
+        for group in groups:
+            H = None
+            if use_data:
+                t = time.perf_counter()
+                H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
+                stats.seconds["forward"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for n in group:
+                lin = linears[n]
+                bar.set_postfix_str(n)
+                r = ternary.quantize_weight(lin.weight, H, quantizer, block_size=config.block_size,
+                                            reorder=config.reorder, percdamp=config.percdamp,
+                                            seed=config.seed)
+                if r.damp > config.percdamp or r.recomputed:
+                    stats.damping_raised.append((f"{layers_name}.{i}.{n}", r.damp, r.recomputed))
+                lin.weight.copy_(r.dequantize().to(lin.weight.dtype))
+                results[n] = r
+            stats.seconds["quantize"] += time.perf_counter() - t
+        if use_data:
+            t = time.perf_counter()
+            for j, x in enumerate(inps):
+                inps[j] = _first(layer(x, *args, **kwargs))
+            stats.seconds["forward"] += time.perf_counter() - t
+        for n, r in results.items():
+            lin = linears[n]
+            _set_module(layer, n, TernaryLinear.from_result(r, lin.bias, bits=config.code_bits))
+            replaced.append(f"{layers_name}.{i}.{n}")
+        layers[i] = layer.to("cpu")
+        _round_to_fp16(layers[i])
+        stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3)})
+    _round_to_fp16(model)
+    return replaced
+
+
+def _round_to_fp16(module: nn.Module) -> None:
+    """What is kept unquantized is stored in 16 bits: round float32 parameters to float16
+    values now, so the model in memory is exactly the one that is saved."""
+    for p in module.parameters():
+        if p.dtype in (torch.float32, torch.float64):
+            p.data.copy_(p.data.to(torch.float16))
+
+
+def _group_hessian(layer, group: list[nn.Linear], inps, args, kwargs) -> torch.Tensor:
+    """H = 2 X X^T / N of the input shared by `group`, stopping each forward pass as soon
+    as the last linear of the group is reached."""
+    acc = ternary.HessianAccumulator(group[0].in_features, device=group[0].weight.device)
+
+    def add(module, inp):
+        acc.add(inp[0])
+
+    def stop(module, inp):
+        raise _StopForward
+
+    hooks = [group[0].register_forward_pre_hook(add), group[-1].register_forward_pre_hook(stop)]
+    try:
+        for x in inps:
+            try:
+                layer(x, *args, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc.H
