@@ -55,15 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
     q.add_argument("--device", default=None, help="compute device: cpu | cuda | cuda:N (default: cuda if available)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--report", metavar="FILE", help="write wall time, per-stage seconds and peak memory as JSON")
 
     g = sub.add_parser("generate", help="generate text from a model (greedy)")
-    g.add_argument("model", metavar="DIR_OR_MODEL")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64)
-    g.add_argument("--device", default=None)
+    g.add_argument("model", metavar="DIR_OR_MODEL", help="a quantized folder, or any MODEL that quantize accepts")
+    g.add_argument("prompt", help="text to continue")
+    g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
+                   help="tokens to generate (default 64)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
 
     i = sub.add_parser("inspect", help="bits per weight, size and a per-layer table of a quantized folder")
-    i.add_argument("dir", metavar="DIR")
+    i.add_argument("dir", metavar="DIR", help="a folder written by pt2llm quantize")
     i.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol) of one or more models",
@@ -71,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the whole test text, exp of the mean token NLL.")
     e.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="float models or quantized folders, compared side by side")
     e.add_argument("--ppl", default="wikitext2,c4", help="comma-separated: wikitext2, c4, ptb (default wikitext2,c4)")
-    e.add_argument("--seqlen", type=_positive("--seqlen"), default=2048)
+    e.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")
     e.add_argument("--limit-windows", type=_positive("--limit-windows"), default=None,
                    help="score only the first N windows of each set (quick checks; not comparable to full runs)")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

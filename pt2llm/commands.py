@@ -32,17 +32,19 @@ def quantize(args) -> int:
     if out.exists() and not args.overwrite:
         raise checkpoint.CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
+    use_data = cfg.method != "rtn"
+    # find the calibration text before spending minutes on loading the model
+    text = data.calibration_text(args.calib) if use_data and args.calib != "synthetic" else None
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model, tok, source = sources.load_float(args.model, dtype=dtype, progress=not args.no_progress)
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and args.seqlen > ctx:
         raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({ctx} tokens)")
-    calib = None
-    if cfg.method != "rtn":
-        calib = data.calibration_windows(args.calib, tok, args.nsamples, args.seqlen, args.seed,
-                                         model=model, device=device)
-    else:
-        calib = torch.empty(0, 0, dtype=torch.long)
+    calib = torch.empty(0, 0, dtype=torch.long)
+    if text is not None:
+        calib = data.random_windows(data.tokenize(tok, text), args.nsamples, args.seqlen, args.seed)
+    elif use_data:
+        calib = data.synthetic_windows(model, tok, args.nsamples, args.seqlen, args.seed, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     stats = driver.DriverStats()
@@ -57,6 +59,13 @@ def quantize(args) -> int:
           f"peak host {_peak_host_gib():.2f} GiB{gpu}; saved {out}", file=sys.stderr)
     for name, damp, rebuilt in stats.damping_raised:
         print(f"  note: {name}: damping raised to {damp:g}, inverse rebuilt {rebuilt}x", file=sys.stderr)
+    if args.report:
+        dump_json({"model": args.model, "out": str(out), "device": device,
+                   "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                   "wall_seconds": round(wall, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
+                   "peak_host_gib": round(_peak_host_gib(), 3),
+                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None,
+                   "config": qc, "per_layer": stats.layers}, args.report)
     return 0
 
 

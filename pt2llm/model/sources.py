@@ -104,7 +104,10 @@ def _strip_gguf_quant(model) -> None:
 def load_float(spec: str, dtype=torch.float32, progress: bool = True):
     """(model, tokenizer, source description) for a float model on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not progress:
+        hf_logging.disable_progress_bar()
     gguf = None
     if spec in ALIASES:
         gguf = fetch_alias(spec, progress)
