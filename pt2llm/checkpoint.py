@@ -7,18 +7,23 @@ DIR/config.json         the model's config with `quantization_config`
 DIR/model.safetensors   every tensor: TernaryLinear buffers, norms, embeddings, lm_head
 DIR/tokenizer files
 
-Written into a temporary folder beside DIR and renamed when complete. Loading reads
-safetensors only (never pickle) and runs no code from the folder.
+Written into a temporary folder beside DIR and renamed when complete. The safetensors
+file is written here (a deterministic header: tensors in name order, metadata keys
+sorted) with the sha256 of every tensor's bytes in its metadata; loading checks them and
+names the first tensor that does not match. Loading reads config.json as plain JSON and
+tensors through safetensors only (never pickle), and runs no code from the folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import nn
 
 from . import __version__
@@ -49,10 +54,80 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwrite: bool = False) -> Path:
-    out = Path(out_dir)
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+              torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], f=None) -> None:
+    """A safetensors file with a deterministic layout; the sha256 of each tensor's bytes goes
+    into metadata["pt2llm_sha256"] (a JSON object, name -> hex digest)."""
+    names = sorted(tensors)
+    blobs, header, offset, digests = [], {}, 0, {}
+    for k in names:
+        b = _tensor_bytes(tensors[k])
+        header[k] = {"dtype": _ST_DTYPES[tensors[k].dtype], "shape": list(tensors[k].shape),
+                     "data_offsets": [offset, offset + len(b)]}
+        digests[k] = hashlib.sha256(b).hexdigest()
+        offset += len(b)
+        blobs.append(b)
+    meta = dict(metadata, pt2llm_sha256=json.dumps(digests, sort_keys=True, separators=(",", ":")))
+    head = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_safetensors(path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, each checked against its recorded sha256."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            out = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} cannot be read (truncated or damaged?): {e}") from None
+    if verify:
+        try:
+            digests = json.loads(meta["pt2llm_sha256"])
+        except (KeyError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} carries no valid per-tensor sha256 record: not written by pt2llm, "
+                                  f"or its header was altered") from None
+        if sorted(digests) != sorted(out):
+            raise CheckpointError(f"{path}: the tensors present do not match the sha256 record")
+        for k in sorted(out):
+            if hashlib.sha256(_tensor_bytes(out[k])).hexdigest() != digests[k]:
+                raise CheckpointError(f"{path}: tensor {k!r} does not match its recorded sha256: "
+                                      f"the file is corrupted")
+    return out
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse early (before hours of work) an --out that exists or cannot be created."""
+    out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a folder")
+    anc = out.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {out}: {anc} is not a writable folder")
+
+
+def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwrite: bool = False) -> Path:
+    out = Path(out_dir)
+    check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -66,8 +141,8 @@ def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwr
         cfg.pop("transformers_version", None)
         if cfg.get("dtype") in ("float32", "float64", None):
             cfg["dtype"] = "float16"
-        save_file(_unique_state(model), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})  # one key: safetensors writes a map in random order
+        write_safetensors(tmp / "model.safetensors", _unique_state(model),
+                          {"format": "pt", "pt2llm_format_version": str(FORMAT_VERSION)})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -86,14 +161,21 @@ def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwr
     return out
 
 
-def read_quantization_config(path) -> dict:
+def read_config(path) -> dict:
     p = Path(path) / "config.json"
     if not p.is_file():
         raise CheckpointError(f"{path} has no config.json: not a model folder")
     try:
-        qc = json.loads(p.read_text()).get("quantization_config")
+        cfg = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{p} does not hold a JSON object")
+    return cfg
+
+
+def read_quantization_config(path) -> dict:
+    qc = read_config(path).get("quantization_config")
     if not qc or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a pt2llm-quantized folder (no quantization_config "
                               f"with quant_method {QUANT_METHOD!r})")
@@ -117,9 +199,10 @@ def replace_linears(model: nn.Module, qc: dict, device=None) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def load(path, device="cpu", dtype=None):
+def load(path, device="cpu", dtype=None, verify: bool = True):
     """(model, tokenizer) from a pt2llm folder; the model is in eval mode on `device`.
-    dtype of the unquantized parts: float16 on CUDA, float32 on the CPU unless given."""
+    dtype of the unquantized parts: float16 on CUDA, float32 on the CPU unless given.
+    verify: check every tensor against the sha256 recorded at save time."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -128,18 +211,27 @@ def load(path, device="cpu", dtype=None):
     st = path / "model.safetensors"
     if not st.is_file():
         raise CheckpointError(f"{path} has no model.safetensors")
-    config = AutoConfig.from_pretrained(path)
-    qc_obj = config.quantization_config
-    del config.quantization_config
+    cfg = read_config(path)
+    cfg.pop("auto_map", None)  # never custom code from the folder
+    cfg.pop("quantization_config")
+    try:
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json does not describe a known model type: {e}") from None
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    replace_linears(model, qc)
     try:
-        state = load_file(str(st))
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{st} cannot be read: {e}") from None
+        replace_linears(model, qc)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: quantization_config's module list does not fit the model: {e}") from None
+    state = read_safetensors(st, verify=verify)
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k in expected and tuple(expected[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{st}: tensor {k!r} has shape {tuple(v.shape)} but the config implies "
+                                  f"{tuple(expected[k].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set()
     if getattr(config, "tie_word_embeddings", False):
@@ -149,7 +241,8 @@ def load(path, device="cpu", dtype=None):
     if missing or unexpected:
         raise CheckpointError(f"{st} does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    config.quantization_config = qc_obj
+    from .hf import PT2LLMConfig
+    config.quantization_config = PT2LLMConfig(**qc)
     model.config = config
     model.eval().to(device)
     tok = AutoTokenizer.from_pretrained(path)

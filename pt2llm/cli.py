@@ -26,8 +26,15 @@ def _positive(name):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2 (subcommands inherit this class)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"pt2llm: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pt2llm", description="Post-training ternarization of causal LMs (PT²-LLM).")
+    p = _Parser(prog="pt2llm", description="Post-training ternarization of causal LMs (PT²-LLM).")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -16,7 +16,7 @@ from .model import driver, sources
 
 def is_user_error(e: Exception) -> bool:
     return isinstance(e, (sources.SourceError, data.DataError, checkpoint.CheckpointError,
-                          driver.DriverError, ValueError, FileNotFoundError, PermissionError))
+                          driver.DriverError, ValueError, OSError))
 
 
 def _peak_host_gib() -> float:
@@ -29,8 +29,7 @@ def quantize(args) -> int:
                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                              max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise checkpoint.CheckpointError(f"output folder {out} already exists; pass --overwrite to replace it")
+    checkpoint.check_writable(out, args.overwrite)
     t0 = time.perf_counter()
     use_data = cfg.method != "rtn"
     # find the calibration text before spending minutes on loading the model

@@ -22,14 +22,14 @@ def pack_trits(t: torch.Tensor) -> torch.Tensor:
     d = (t.to(torch.int16) + 1)
     if pad:
         d = torch.nn.functional.pad(d, (0, pad), value=1)
-    d = d.reshape(*t.shape[:-1], -1, TRITS_PER_BYTE)
+    d = d.reshape(*t.shape[:-1], packed_trit_width(L), TRITS_PER_BYTE)
     return (d * _POW3.to(d.device)).sum(dim=-1).to(torch.uint8)
 
 
 def unpack_trits(b: torch.Tensor, length: int) -> torch.Tensor:
     """uint8 [..., B] -> int8 [..., length] in {-1, 0, 1}."""
     lut = _TRIT_LUT.to(b.device)
-    t = lut[b.long()].reshape(*b.shape[:-1], -1)
+    t = lut[b.long()].reshape(*b.shape[:-1], b.shape[-1] * TRITS_PER_BYTE)
     return t[..., :length]
 
 
@@ -46,7 +46,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = packed_bits_width(L, bits) * 8 - L * bits
     if pad:
         stream = torch.nn.functional.pad(stream, (0, pad))
-    stream = stream.reshape(*c.shape[:-1], -1, 8)
+    stream = stream.reshape(*c.shape[:-1], packed_bits_width(L, bits), 8)
     weights = (1 << torch.arange(8, device=c.device, dtype=torch.int16))
     return (stream * weights).sum(dim=-1).to(torch.uint8)
 
@@ -54,7 +54,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(b: torch.Tensor, length: int, bits: int) -> torch.Tensor:
     """uint8 [..., B] -> uint8 codes [..., length]."""
     shifts = torch.arange(8, device=b.device, dtype=torch.int16)
-    stream = ((b.to(torch.int16)[..., None] >> shifts) & 1).reshape(*b.shape[:-1], -1)
+    stream = ((b.to(torch.int16)[..., None] >> shifts) & 1).reshape(*b.shape[:-1], b.shape[-1] * 8)
     stream = stream[..., : length * bits].reshape(*b.shape[:-1], length, bits)
     weights = (1 << torch.arange(bits, device=b.device, dtype=torch.int16))
     return (stream * weights).sum(dim=-1).to(torch.uint8)

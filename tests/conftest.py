@@ -3,6 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from tinymodels import text, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,3 +21,19 @@ def pytest_configure(config):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    torch.manual_seed(0)
+    tok = tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=200, intermediate_size=328, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(**common) if request.param == "llama" else Qwen2Config(**common)
+    model = AutoModelForCausalLM.from_config(cfg)
+    d = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(d / "float")
+    tok.save_pretrained(d / "float")
+    (d / "calib.txt").write_text(text(1))
+    return request.param, d

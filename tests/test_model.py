@@ -1,60 +1,14 @@
 """Tiny random Llama and Qwen2 (hidden size not a multiple of 128) through the CLI."""
-import hashlib
-import random
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 import pt2llm
 from pt2llm import cli, data
 from pt2llm.model import driver, sources
-
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
-         "matches in distant towns and rivers carry old boats past green hills").split()
-
-
-def _text(seed, n=6000):
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(n))
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_text(0, 3000)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tiny(request, tmp_path_factory):
-    torch.manual_seed(0)
-    tok = _tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=200, intermediate_size=328, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    cfg = LlamaConfig(**common) if request.param == "llama" else Qwen2Config(**common)
-    model = AutoModelForCausalLM.from_config(cfg)
-    d = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(d / "float")
-    tok.save_pretrained(d / "float")
-    (d / "calib.txt").write_text(_text(1))
-    return request.param, d
-
-
-def _quantize(d, out, *extra):
-    args = ["quantize", str(d / "float"), "--out", str(out), "--calib", str(d / "calib.txt"),
-            "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--no-progress", *extra]
-    assert cli.main(args) == 0
-
-
-def _sha(p):
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
+from tinymodels import quantize as _quantize
+from tinymodels import sha256 as _sha
+from tinymodels import text as _text
 
 def test_quantize_save_load_both_ways_and_logits_match(tiny, capsys):
     kind, d = tiny

@@ -101,6 +101,15 @@ def find_decoder_layers(model: nn.Module):
     return parent, best[1], best[0]
 
 
+def check_finite(layers: nn.ModuleList, layers_name: str) -> None:
+    """Refuse a model with NaN or inf in a decoder linear's weight, naming the layer."""
+    for i, layer in enumerate(layers):
+        for n, m in layer.named_modules():
+            if isinstance(m, nn.Linear) and not bool(torch.isfinite(m.weight).all()):
+                raise DriverError(f"non-finite weights (NaN or inf) in {layers_name}.{i}.{n}: "
+                                  f"refusing to quantize a broken model")
+
+
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -186,6 +195,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     stats = stats if stats is not None else DriverStats()
     device = torch.device(device)
     parent, layers, layers_name = find_decoder_layers(model)
+    check_finite(layers, layers_name)
     quantizer = config.quantizer()
     use_data = config.method != "rtn"
     t0 = time.perf_counter()
@@ -199,9 +209,6 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         t_layer = time.perf_counter()
         layer = layers[i].to(device)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        for n, m in linears.items():
-            if not bool(torch.isfinite(m.weight).all()):
-                raise DriverError(f"non-finite weights in {layers_name}.{i}.{n}: refusing to quantize")
         if use_data:
             t = time.perf_counter()
             groups = linear_groups(layer, inps[0], args, kwargs)

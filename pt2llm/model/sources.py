@@ -115,27 +115,29 @@ def load_float(spec: str, dtype=torch.float32, progress: bool = True):
         gguf = Path(spec)
         if not gguf.is_file():
             raise SourceError(f"GGUF file {spec} does not exist")
-    try:
-        if gguf is not None:
-            kw = {"gguf_file": gguf.name}
+    if gguf is not None:
+        kw = {"gguf_file": gguf.name}
+        try:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=dtype, **kw)
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-            _strip_gguf_quant(model)
-            source = {"model": spec, "gguf": gguf.name}
-        else:
-            p = Path(spec)
-            if not p.exists() and (spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1):
-                raise SourceError(f"model folder {spec} does not exist")
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(spec)
-            source = {"model": spec}
-    except SourceError:
-        raise
+        except Exception as e:  # a damaged GGUF fails deep inside the reader, with any error type
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SourceError(f"cannot load GGUF file {gguf} (truncated, damaged, or an architecture "
+                              f"transformers cannot dequantize): {first}") from None
+        _strip_gguf_quant(model)
+        model.eval()
+        return model, tok, {"model": spec, "gguf": gguf.name}
+    p = Path(spec)
+    if not p.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise SourceError(f"model folder {spec} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SourceError(f"cannot load {spec!r} as a causal LM: {first}") from None
     model.eval()
-    return model, tok, source
+    return model, tok, {"model": spec}
 
 
 def load_any(spec: str, dtype=None, progress: bool = True, device="cpu"):

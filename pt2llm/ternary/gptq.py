@@ -39,7 +39,7 @@ class BlockQuantizer:
 
 @dataclass
 class QuantResult:
-    codes: torch.Tensor    # int8 [n, m], columns in quantization order
+    codes: torch.Tensor    # int8 [n, m] (int16 for codes above 127), columns in quantization order
     scale: torch.Tensor    # [n, ceil(m / block_size)]
     offset: torch.Tensor   # [n, ceil(m / block_size)]
     perm: torch.Tensor     # int64 [m]: position j holds original column perm[j]
@@ -137,7 +137,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
             M = M[order][:, order]
 
     nb = -(-m // block_size)
-    codes = torch.empty(n, m, dtype=torch.int8, device=dev)
+    code_dtype = torch.int8 if -128 <= quantizer.lo and quantizer.hi <= 127 else torch.int16
+    codes = torch.empty(n, m, dtype=code_dtype, device=dev)
     scales = torch.empty(n, nb, dtype=dtype, device=dev)
     offsets = torch.empty(n, nb, dtype=dtype, device=dev)
     perm = torch.empty(m, dtype=torch.long, device=dev)
@@ -160,6 +161,9 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
         scale, offset = quantizer.fit(Wb, Hb)
         if grid_dtype is not None:
             scale, offset = scale.to(grid_dtype).to(dtype), offset.to(grid_dtype).to(dtype)
+            if not bool(torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+                raise ValueError(f"weights up to {float(Wb.abs().max()):.3g} overflow the {grid_dtype} grid "
+                                 f"(alpha/mu are stored in 16 bits)")
         scales[:, b], offsets[:, b] = scale, offset
         if compensate:
             U, info = torch.linalg.cholesky_ex(M[:k, :k], upper=True)
@@ -171,7 +175,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
         for j in range(k):
             w = Wb[:, j]
             c = round_to_grid(w, scale, offset, quantizer.lo, quantizer.hi)
-            codes[:, start + j] = c.to(torch.int8)
+            codes[:, start + j] = c.to(code_dtype)
             if compensate:
                 err = (w - (scale * c + offset)) / U[j, j]
                 Wb[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]

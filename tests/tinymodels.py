@@ -1,0 +1,39 @@
+"""Tiny random Llama / Qwen2 models (hidden size 200: not a multiple of 128) with a BPE
+tokenizer trained here, for tests that must not download anything."""
+import hashlib
+import random
+
+from transformers import PreTrainedTokenizerFast
+
+from pt2llm import cli
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
+         "matches in distant towns and rivers carry old boats past green hills").split()
+
+
+def text(seed, n=6000):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(n))
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text(0, 3000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def quantize(d, out, *extra):
+    args = ["quantize", str(d / "float"), "--out", str(out), "--calib", str(d / "calib.txt"),
+            "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--no-progress", *extra]
+    assert cli.main(args) == 0
+
+
+def sha256(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
