@@ -253,3 +253,76 @@ def _non_persistent(model: nn.Module, key: str) -> bool:
     mod, _, name = key.rpartition(".")
     m = model.get_submodule(mod) if mod else model
     return name in getattr(m, "_non_persistent_buffers_set", set())
+
+
+class WorkDir:
+    """The finished layers of a run in progress, in a folder beside its output
+    (OUT's parent/.OUT.work/): run.json (what the run is) and layer-NNNNN.safetensors, each
+    written under a temporary name and renamed, so a kill at any moment leaves only whole
+    files. `pt2llm quantize ... --resume` continues after the last finished layer."""
+
+    def __init__(self, out, manifest: dict, resume: bool, overwrite: bool = False):
+        out = Path(out)
+        self.path = out.parent / f".{out.name}.work"
+        self.manifest = json.loads(json.dumps(manifest, default=str))
+        run = self.path / "run.json"
+        if self.path.exists():
+            if resume:
+                try:
+                    old = json.loads(run.read_text())
+                except (OSError, json.JSONDecodeError):
+                    old = None
+                if old != self.manifest:
+                    raise CheckpointError(f"{self.path} belongs to a run with other settings (model, method, "
+                                          f"options or calibration): rerun that exact command with --resume, "
+                                          f"or remove the folder to start over")
+            elif self._layer_files() and not overwrite:
+                raise CheckpointError(f"{self.path} holds {len(self._layer_files())} finished layers of an "
+                                      f"interrupted run: pass --resume to continue it, or --overwrite to start over")
+            else:
+                shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not run.is_file():
+            _atomic_write_text(run, json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+
+    def _layer_files(self):
+        return sorted(self.path.glob("layer-*.safetensors")) if self.path.is_dir() else []
+
+    def _file(self, i: int) -> Path:
+        return self.path / f"layer-{i:05d}.safetensors"
+
+    def finished(self) -> int:
+        """How many layers, from the first, are finished."""
+        n = 0
+        while self._file(n).is_file():
+            n += 1
+        return n
+
+    def save_layer(self, i: int, layer: nn.Module) -> None:
+        tmp = self._file(i).with_suffix(".tmp")
+        write_safetensors(tmp, _unique_state(layer), {"format": "pt"})
+        os.replace(tmp, self._file(i))
+
+    def load_layer(self, i: int, layer: nn.Module, config) -> list[str]:
+        """Put finished layer i's stored state into `layer` (TernaryLinear shells first);
+        returns the names of its quantized linears."""
+        state = read_safetensors(self._file(i))
+        names = sorted(k[: -len(".packed")] for k in state if k.endswith(".packed"))
+        for name in names:
+            lin = layer.get_submodule(name)
+            dev = lin.weight.device
+            new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                block_size=config.block_size, bits=config.code_bits, device=dev)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, child, new)
+        layer.load_state_dict(state, strict=True)
+        return names
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", metavar="MODEL", help="hub id, local HF folder, .gguf file, or demo alias "
                    "(smollm2-135m, qwen2.5-coder-0.5b)")
     q.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
-    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (only once the new one is complete); start over even if an "
+                        "interrupted run left finished layers")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished layer "
+                        "(kept in .OUT.work beside --out); the result is byte-identical to an uninterrupted run")
     q.add_argument("--method", default="pt2", choices=["pt2", "rtn", "gptq"],
                    help="pt2: PT²-LLM ternary (default); rtn: TWN ternary per block, no data; gptq: uniform int-k GPTQ")
     q.add_argument("--bits", type=int, default=2, help="code bits for --method gptq (2..8, default 2)")

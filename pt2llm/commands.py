@@ -1,7 +1,7 @@
 """What each CLI command does (cli.py only parses)."""
 from __future__ import annotations
 
-import json
+import hashlib
 import resource
 import sys
 import time
@@ -47,11 +47,25 @@ def quantize(args) -> int:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     stats = driver.DriverStats()
-    modules = driver.quantize_model(model, calib, cfg, device=device, progress=not args.no_progress, stats=stats)
-    qc = {**cfg.to_dict(), "calibration": None if cfg.method == "rtn" else
-          {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed},
-          "source_model": source, "modules": modules}
+    calib_info = None if cfg.method == "rtn" else {"source": args.calib, "nsamples": args.nsamples,
+                                                  "seqlen": args.seqlen, "seed": args.seed}
+    manifest = {"model": args.model, "config": cfg.to_dict(), "calibration": calib_info,
+                "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(), "device": device}
+    work = checkpoint.WorkDir(out, manifest, resume=args.resume, overwrite=args.overwrite)
+    try:
+        modules = driver.quantize_model(model, calib, cfg, device=device, progress=not args.no_progress,
+                                        stats=stats, work=work)
+    except KeyboardInterrupt:
+        print(f"pt2llm: interrupted; {work.finished()} finished layers are kept in {work.path}: "
+              f"rerun the same command with --resume to continue", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseException:
+        if work.finished() == 0:
+            work.remove()
+        raise
+    qc = {**cfg.to_dict(), "calibration": calib_info, "source_model": source, "modules": modules}
     checkpoint.save(model, tok, out, qc, overwrite=args.overwrite)
+    work.remove()
     wall = time.perf_counter() - t0
     gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
     print(f"quantized {len(modules)} linears ({cfg.method}) in {wall:.1f} s on {device}: "

@@ -12,6 +12,8 @@ input tensor share one Hessian. No per-architecture table.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -187,9 +189,15 @@ def linear_groups(layer: nn.Module, x, args, kwargs) -> list[list[str]]:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, device="cpu",
-                   progress: bool = True, stats: DriverStats | None = None) -> list[str]:
+                   progress: bool = True, stats: DriverStats | None = None, work=None) -> list[str]:
     """Quantize every decoder linear of `model` in place; returns the dotted names of the
-    replaced modules. calib: LongTensor [nsamples, seqlen]."""
+    replaced modules. calib: LongTensor [nsamples, seqlen].
+
+    work: a `checkpoint.WorkDir`; each finished layer is persisted there atomically, and
+    layers already there (from an interrupted run) are loaded instead of quantized again.
+    The next layer's inputs are always computed by the quantized layer as stored (16-bit
+    norms, TernaryLinear modules), so a resumed run is bit-identical to an uninterrupted one.
+    """
     from tqdm.auto import tqdm
 
     stats = stats if stats is not None else DriverStats()
@@ -204,50 +212,68 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     stats.seconds["capture"] += time.perf_counter() - t0
 
     replaced = []
+    done = work.finished() if work is not None else 0
     bar = tqdm(range(len(layers)), desc=f"quantize ({config.method})", unit="layer", disable=not progress)
     for i in bar:
         t_layer = time.perf_counter()
         layer = layers[i].to(device)
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        if use_data:
-            t = time.perf_counter()
-            groups = linear_groups(layer, inps[0], args, kwargs)
-            stats.seconds["forward"] += time.perf_counter() - t
+        if i < done:
+            bar.set_postfix_str("resumed")
+            names = work.load_layer(i, layer, config)
         else:
-            groups = [[n] for n in linears]
-        results = {}
-        for group in groups:
-            H = None
-            if use_data:
-                t = time.perf_counter()
-                H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
-                stats.seconds["forward"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for n in group:
-                lin = linears[n]
-                bar.set_postfix_str(n)
-                r = ternary.quantize_weight(lin.weight, H, quantizer, block_size=config.block_size,
-                                            reorder=config.reorder, percdamp=config.percdamp,
-                                            seed=config.seed)
-                if r.damp > config.percdamp or r.recomputed:
-                    stats.damping_raised.append((f"{layers_name}.{i}.{n}", r.damp, r.recomputed))
-                lin.weight.copy_(r.dequantize().to(lin.weight.dtype))
-                results[n] = r
-            stats.seconds["quantize"] += time.perf_counter() - t
+            names = _quantize_layer(layer, quantizer, config, inps if use_data else None,
+                                    (args, kwargs) if use_data else None, stats, f"{layers_name}.{i}", bar)
+            _round_to_fp16(layer)
         if use_data:
             t = time.perf_counter()
             for j, x in enumerate(inps):
                 inps[j] = _first(layer(x, *args, **kwargs))
             stats.seconds["forward"] += time.perf_counter() - t
-        for n, r in results.items():
-            lin = linears[n]
-            _set_module(layer, n, TernaryLinear.from_result(r, lin.bias, bits=config.code_bits))
-            replaced.append(f"{layers_name}.{i}.{n}")
         layers[i] = layer.to("cpu")
-        _round_to_fp16(layers[i])
-        stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3)})
+        if work is not None and i >= done:
+            work.save_layer(i, layers[i])
+            if os.environ.get("PT2LLM_FAULT_AFTER_LAYER") == str(i):  # fault injection for the resume test
+                os.kill(os.getpid(), signal.SIGKILL)
+        replaced += [f"{layers_name}.{i}.{n}" for n in names]
+        stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3), "resumed": i < done})
     _round_to_fp16(model)
     return replaced
+
+
+def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -> list[str]:
+    """Quantize one layer's linears group by group (true-sequential) and swap them for
+    TernaryLinear modules on the layer's device. Returns their names within the layer."""
+    device = next(layer.parameters()).device
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    if inps is not None:
+        args, kwargs = extra
+        t = time.perf_counter()
+        groups = linear_groups(layer, inps[0], args, kwargs)
+        stats.seconds["forward"] += time.perf_counter() - t
+    else:
+        groups = [[n] for n in linears]
+    results = {}
+    for group in groups:
+        H = None
+        if inps is not None:
+            t = time.perf_counter()
+            H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
+            stats.seconds["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for n in group:
+            lin = linears[n]
+            bar.set_postfix_str(n)
+            r = ternary.quantize_weight(lin.weight, H, quantizer, block_size=config.block_size,
+                                        reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
+            if r.damp > config.percdamp or r.recomputed:
+                stats.damping_raised.append((f"{prefix}.{n}", r.damp, r.recomputed))
+            lin.weight.copy_(r.dequantize().to(lin.weight.dtype))  # later groups see it quantized
+            results[n] = r
+        stats.seconds["quantize"] += time.perf_counter() - t
+    for n, r in results.items():
+        q = TernaryLinear.from_result(r, linears[n].bias, bits=config.code_bits).to(device)
+        _set_module(layer, n, q)
+    return list(results)
 
 
 def _round_to_fp16(module: nn.Module) -> None:

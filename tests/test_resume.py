@@ -1,0 +1,33 @@
+"""A run killed (SIGKILL) after its first layer resumes to a byte-identical result."""
+import os
+import signal
+import subprocess
+import sys
+
+from tinymodels import sha256
+
+from pt2llm import cli
+
+
+def test_killed_run_resumes_to_a_byte_identical_model(tiny, tmp_path, capsys):
+    _, d = tiny
+    args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "64", "--device", "cpu", "--no-progress"]
+    assert cli.main([*args, "--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0"}
+    p = subprocess.run([sys.executable, "-m", "pt2llm", *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    work = tmp_path / ".out.work"
+    assert not out.exists()
+    assert sorted(f.name for f in work.iterdir()) == ["layer-00000.safetensors", "run.json"]
+    # the same command without --resume refuses to throw the finished layer away
+    assert cli.main([*args, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # other settings cannot resume this run
+    assert cli.main([*args, "--out", str(out), "--resume", "--seed", "7"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert cli.main([*args, "--out", str(out), "--resume"]) == 0
+    assert sha256(out / "model.safetensors") == sha256(tmp_path / "ref" / "model.safetensors")
+    assert not work.exists()
