@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import ternary
 from ..nn import TernaryLinear
+from ..timing import stage
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
             stats.seconds["forward"] += time.perf_counter() - t
         layers[i] = layer.to("cpu")
         if work is not None and i >= done:
-            work.save_layer(i, layers[i])
+            with stage("persist_layer"):
+                work.save_layer(i, layers[i])
             if os.environ.get("PT2LLM_FAULT_AFTER_LAYER") == str(i):  # fault injection for the resume test
                 os.kill(os.getpid(), signal.SIGKILL)
         replaced += [f"{layers_name}.{i}.{n}" for n in names]
@@ -271,7 +273,8 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -
             results[n] = r
         stats.seconds["quantize"] += time.perf_counter() - t
     for n, r in results.items():
-        q = TernaryLinear.from_result(r, linears[n].bias, bits=config.code_bits).to(device)
+        with stage("packing"):
+            q = TernaryLinear.from_result(r, linears[n].bias, bits=config.code_bits).to(device)
         _set_module(layer, n, q)
     return list(results)
 
@@ -290,7 +293,8 @@ def _group_hessian(layer, group: list[nn.Linear], inps, args, kwargs) -> torch.T
     acc = ternary.HessianAccumulator(group[0].in_features, device=group[0].weight.device)
 
     def add(module, inp):
-        acc.add(inp[0])
+        with stage("hessian"):
+            acc.add(inp[0])
 
     def stop(module, inp):
         raise _StopForward

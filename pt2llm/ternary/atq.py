@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..timing import stage
+
 # A row's 2x2 normal equations are treated as singular when det <= _SINGULAR * a * d
 # (Cauchy-Schwarz gives 0 <= det <= a * d). For the unweighted system with integer T the
 # determinant is 0 or at least a*d/k, so this only catches exact degeneracy there.
@@ -122,11 +124,13 @@ def quantize_block(W: torch.Tensor, H: torch.Tensor | None = None, *, itf: bool 
     W: [n, k]; H: [k, k] or None. Returns (T int8 [n, k] in {-1, 0, 1}, alpha [n], mu [n]),
     alpha >= 0 (a negative alpha is folded into the sign of T).
     """
-    T, alpha, mu = init_grid(W)
-    if itf:
-        T, alpha, mu = _itf(W, T, alpha, mu, max_iters=max_iters)
+    with stage("itf"):
+        T, alpha, mu = init_grid(W)
+        if itf:
+            T, alpha, mu = _itf(W, T, alpha, mu, max_iters=max_iters)
     if aga and H is not None:
-        alpha, mu = optimal_grid(W, T, H.to(W.dtype), alpha)
+        with stage("aga"):
+            alpha, mu = optimal_grid(W, T, H.to(W.dtype), alpha)
     neg = alpha < 0
     T = torch.where(neg[:, None], -T, T)
     alpha = alpha.abs()

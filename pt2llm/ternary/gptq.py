@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..timing import stage
 from . import ssr
 
 log = logging.getLogger(__name__)
@@ -147,13 +148,14 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
         start = b * block_size
         k = min(block_size, m - start)
         if dynamic:
-            pos = ssr.next_block(Wr, k)
-            rest = torch.ones(Wr.shape[1], dtype=torch.bool, device=dev)
-            rest[pos] = False
-            idx = torch.cat([pos, rest.nonzero().flatten()])
-            Wr, rem = Wr[:, idx], rem[idx]
-            if compensate:
-                M = M[idx][:, idx]
+            with stage("ssr"):
+                pos = ssr.next_block(Wr, k)
+                rest = torch.ones(Wr.shape[1], dtype=torch.bool, device=dev)
+                rest[pos] = False
+                idx = torch.cat([pos, rest.nonzero().flatten()])
+                Wr, rem = Wr[:, idx], rem[idx]
+                if compensate:
+                    M = M[idx][:, idx]
         cols = rem[:k]
         perm[start:start + k] = cols
         Wb = Wr[:, :k].clone()
@@ -165,28 +167,29 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
                 raise ValueError(f"weights up to {float(Wb.abs().max()):.3g} overflow the {grid_dtype} grid "
                                  f"(alpha/mu are stored in 16 bits)")
         scales[:, b], offsets[:, b] = scale, offset
-        if compensate:
-            U, info = torch.linalg.cholesky_ex(M[:k, :k], upper=True)
-            if int(info) != 0:  # round-off has eroded the Schur complement: rebuild it
-                recomputed += 1
-                M = torch.cholesky_inverse(torch.linalg.cholesky(Hd[rem][:, rem]))
-                U = torch.linalg.cholesky(M[:k, :k], upper=True)
-            Err = torch.empty(n, k, dtype=dtype, device=dev)
-        for j in range(k):
-            w = Wb[:, j]
-            c = round_to_grid(w, scale, offset, quantizer.lo, quantizer.hi)
-            codes[:, start + j] = c.to(code_dtype)
+        with stage("compensation"):
             if compensate:
-                err = (w - (scale * c + offset)) / U[j, j]
-                Wb[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
-                Err[:, j] = err
-        if compensate and k < Wr.shape[1]:
-            U_BR = torch.linalg.solve_triangular(U.T, M[:k, k:], upper=False)
-            Wr = Wr[:, k:] - Err @ U_BR
-            M = M[k:, k:] - U_BR.T @ U_BR
-        else:
-            Wr = Wr[:, k:]
-            if compensate:
-                M = M[k:, k:]
+                U, info = torch.linalg.cholesky_ex(M[:k, :k], upper=True)
+                if int(info) != 0:  # round-off has eroded the Schur complement: rebuild it
+                    recomputed += 1
+                    M = torch.cholesky_inverse(torch.linalg.cholesky(Hd[rem][:, rem]))
+                    U = torch.linalg.cholesky(M[:k, :k], upper=True)
+                Err = torch.empty(n, k, dtype=dtype, device=dev)
+            for j in range(k):
+                w = Wb[:, j]
+                c = round_to_grid(w, scale, offset, quantizer.lo, quantizer.hi)
+                codes[:, start + j] = c.to(code_dtype)
+                if compensate:
+                    err = (w - (scale * c + offset)) / U[j, j]
+                    Wb[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+                    Err[:, j] = err
+            if compensate and k < Wr.shape[1]:
+                U_BR = torch.linalg.solve_triangular(U.T, M[:k, k:], upper=False)
+                Wr = Wr[:, k:] - Err @ U_BR
+                M = M[k:, k:] - U_BR.T @ U_BR
+            else:
+                Wr = Wr[:, k:]
+                if compensate:
+                    M = M[k:, k:]
         rem = rem[k:]
     return QuantResult(codes, scales, offsets, perm, block_size, damp, recomputed)
