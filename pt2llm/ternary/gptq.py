@@ -76,12 +76,16 @@ class HessianAccumulator:
         self.H.addmm_(x.T, x)
 
 
-def round_to_grid(w, scale, offset, lo: int, hi: int):
-    """Nearest code in [lo, hi] for a column w [n] on per-row grids; scale 0 gives code 0
-    clamped into range (a single-point grid)."""
+def grid_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, with 0 where scale is 0 (a single-point grid rounds to code 0)."""
     zero = scale == 0
-    inv = torch.where(zero, torch.zeros_like(scale), 1.0 / torch.where(zero, torch.ones_like(scale), scale))
-    return torch.clamp(torch.round((w - offset) * inv), lo, hi)
+    return torch.where(zero, torch.zeros_like(scale), 1.0 / torch.where(zero, torch.ones_like(scale), scale))
+
+
+def round_to_grid(w, scale, offset, lo: int, hi: int, inv=None):
+    """Nearest code in [lo, hi] for w on per-row grids (value = scale * code + offset)."""
+    inv = grid_inverse(scale) if inv is None else inv
+    return torch.clamp_(torch.round_((w - offset) * inv), lo, hi)
 
 
 def _damped_inverse(H: torch.Tensor, percdamp: float, max_tries: int = 8):
@@ -175,14 +179,19 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
                     M = torch.cholesky_inverse(torch.linalg.cholesky(Hd[rem][:, rem]))
                     U = torch.linalg.cholesky(M[:k, :k], upper=True)
                 Err = torch.empty(n, k, dtype=dtype, device=dev)
-            for j in range(k):
+            inv = grid_inverse(scale)
+            C = torch.empty(n, k, dtype=dtype, device=dev)
+            if compensate:
+                inv_diag = 1.0 / torch.diagonal(U)
+            for j in range(k):  # few launches per column: this loop is the hot path
                 w = Wb[:, j]
-                c = round_to_grid(w, scale, offset, quantizer.lo, quantizer.hi)
-                codes[:, start + j] = c.to(code_dtype)
+                c = round_to_grid(w, scale, offset, quantizer.lo, quantizer.hi, inv)
+                C[:, j] = c
                 if compensate:
-                    err = (w - (scale * c + offset)) / U[j, j]
-                    Wb[:, j + 1:] -= err[:, None] * U[j, j + 1:][None, :]
+                    err = torch.addcmul(w, scale, c, value=-1).sub_(offset).mul_(inv_diag[j])
+                    Wb[:, j + 1:].addr_(err, U[j, j + 1:], alpha=-1)
                     Err[:, j] = err
+            codes[:, start:start + k] = C.to(code_dtype)
             if compensate and k < Wr.shape[1]:
                 U_BR = torch.linalg.solve_triangular(U.T, M[:k, k:], upper=False)
                 Wr = Wr[:, k:] - Err @ U_BR
