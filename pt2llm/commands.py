@@ -35,7 +35,8 @@ def quantize(args) -> int:
     # find the calibration text before spending minutes on loading the model
     text = data.calibration_text(args.calib) if use_data and args.calib != "synthetic" else None
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model, tok, source = sources.load_float(args.model, dtype=dtype, progress=not args.no_progress)
+    model, tok, source, layer_loader = sources.load_for_quantization(
+        args.model, dtype, progress=not args.no_progress, stream=args.calib != "synthetic")
     ctx = getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and args.seqlen > ctx:
         raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({ctx} tokens)")
@@ -54,7 +55,7 @@ def quantize(args) -> int:
     work = checkpoint.WorkDir(out, manifest, resume=args.resume, overwrite=args.overwrite)
     try:
         modules = driver.quantize_model(model, calib, cfg, device=device, progress=not args.no_progress,
-                                        stats=stats, work=work)
+                                        stats=stats, work=work, layer_loader=layer_loader)
     except KeyboardInterrupt:
         print(f"pt2llm: interrupted; {work.finished()} finished layers are kept in {work.path}: "
               f"rerun the same command with --resume to continue", file=sys.stderr)

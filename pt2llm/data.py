@@ -70,49 +70,45 @@ def _missing(name: str, purpose: str, rel: str) -> DataError:
                      f"(needs `datasets` and a network)")
 
 
+_FILES = {("calibration", "wikitext2"): "wikitext-2-raw/wiki.train.raw",
+          ("evaluation", "wikitext2"): "wikitext-2-raw/wiki.test.raw",
+          ("calibration", "ptb"): "ptb/ptb.train.txt",
+          ("evaluation", "ptb"): "ptb/ptb.test.txt"}
+_C4_FILE = "c4/c4_validation_2k.parquet"
+_C4_DOCS = {"calibration": (0, 1000), "evaluation": (1000, 2000)}
+_HUB_SPLIT = {"calibration": "train", "evaluation": "test"}
+
+
+def _named_text(name: str, purpose: str) -> str:
+    """A named set's text: $PT2LLM_DATA_DIR first, then the hub, else a DataError."""
+    if name == "c4":
+        rel = _C4_FILE
+        docs = _c4_docs(*_C4_DOCS[purpose])
+        text = "\n\n".join(docs) if docs is not None else None
+    else:
+        rel = _FILES[(purpose, name)]
+        p = _local(rel)
+        text = p.read_text(encoding="utf-8") if p else None
+    if text is None:
+        text = _from_hub(name, _HUB_SPLIT[purpose])
+    if text is None:
+        if (purpose, name) == ("calibration", "wikitext2"):
+            rel += " (the test file is for evaluation only)"
+        raise _missing(name, purpose, rel)
+    return text
+
+
 def calibration_text(name: str) -> str:
     """Text of a named calibration set, or of a text file at PATH."""
-    if name == "c4":
-        docs = _c4_docs(0, 1000)
-        text = "\n\n".join(docs) if docs is not None else _from_hub("c4", "train")
-        if text is None:
-            raise _missing(name, "calibration", "c4/c4_validation_2k.parquet")
-        return text
-    if name == "wikitext2":
-        p = _local("wikitext-2-raw/wiki.train.raw")
-        text = p.read_text(encoding="utf-8") if p else _from_hub("wikitext2", "train")
-        if text is None:
-            raise _missing(name, "calibration", "wikitext-2-raw/wiki.train.raw (the test file is for evaluation only)")
-        return text
-    if name == "ptb":
-        p = _local("ptb/ptb.train.txt")
-        text = p.read_text(encoding="utf-8") if p else _from_hub("ptb", "train")
-        if text is None:
-            raise _missing(name, "calibration", "ptb/ptb.train.txt")
-        return text
+    if name in CALIB_SETS:
+        return _named_text(name, "calibration")
     return read_text_file(name)
 
 
 def eval_text(name: str) -> str:
-    if name == "wikitext2":
-        p = _local("wikitext-2-raw/wiki.test.raw")
-        text = p.read_text(encoding="utf-8") if p else _from_hub("wikitext2", "test")
-        if text is None:
-            raise _missing(name, "evaluation", "wikitext-2-raw/wiki.test.raw")
-        return text
-    if name == "c4":
-        docs = _c4_docs(1000, 2000)
-        text = "\n\n".join(docs) if docs is not None else _from_hub("c4", "validation")
-        if text is None:
-            raise _missing(name, "evaluation", "c4/c4_validation_2k.parquet")
-        return text
-    if name == "ptb":
-        p = _local("ptb/ptb.test.txt")
-        text = p.read_text(encoding="utf-8") if p else _from_hub("ptb", "test")
-        if text is None:
-            raise _missing(name, "evaluation", "ptb/ptb.test.txt")
-        return text
-    raise DataError(f"unknown evaluation set {name!r}; expected one of {EVAL_SETS}")
+    if name not in EVAL_SETS:
+        raise DataError(f"unknown evaluation set {name!r}; expected one of {EVAL_SETS}")
+    return _named_text(name, "evaluation")
 
 
 def read_text_file(path: str) -> str:

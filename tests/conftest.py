@@ -29,7 +29,7 @@ def tiny(request, tmp_path_factory):
     tok = tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=200, intermediate_size=328, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=request.param == "llama")
     cfg = LlamaConfig(**common) if request.param == "llama" else Qwen2Config(**common)
     model = AutoModelForCausalLM.from_config(cfg)
     d = tmp_path_factory.mktemp(request.param)

@@ -106,3 +106,21 @@ def test_user_errors_exit_2_without_leftovers(tiny, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["quantize", str(d / "float"), "--out", str(tmp_path / "o"), "--block-size", "0"])
     assert e.value.code == 2
+
+
+def test_folder_models_are_streamed_one_layer_at_a_time(tiny):
+    import json
+    from pt2llm.model.stream import LayerStream
+    _, d = tiny
+    ls = LayerStream(d / "float")
+    assert all(p.is_meta for layer in ls.layers for p in layer.parameters())
+    assert not any(p.is_meta for p in ls.model.get_input_embeddings().parameters())
+    ls.load_layer(0)
+    assert not any(p.is_meta for p in ls.layers[0].parameters())
+    assert all(p.is_meta for p in ls.layers[1].parameters())
+    ref = AutoModelForCausalLM.from_pretrained(d / "float")
+    for (n, a), (_, b) in zip(ls.layers[0].state_dict().items(), ref.model.layers[0].state_dict().items()):
+        assert torch.equal(a, b), n
+    _quantize(d, d / "streamed")
+    qc = json.loads((d / "streamed" / "config.json").read_text())["quantization_config"]
+    assert qc["source_model"]["streamed"] is True

@@ -104,9 +104,9 @@ def find_decoder_layers(model: nn.Module):
     return parent, best[1], best[0]
 
 
-def check_finite(layers: nn.ModuleList, layers_name: str) -> None:
+def check_finite(layers, layers_name: str, first: int = 0) -> None:
     """Refuse a model with NaN or inf in a decoder linear's weight, naming the layer."""
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers, start=first):
         for n, m in layer.named_modules():
             if isinstance(m, nn.Linear) and not bool(torch.isfinite(m.weight).all()):
                 raise DriverError(f"non-finite weights (NaN or inf) in {layers_name}.{i}.{n}: "
@@ -190,7 +190,8 @@ def linear_groups(layer: nn.Module, x, args, kwargs) -> list[list[str]]:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, device="cpu",
-                   progress: bool = True, stats: DriverStats | None = None, work=None) -> list[str]:
+                   progress: bool = True, stats: DriverStats | None = None, work=None,
+                   layer_loader=None) -> list[str]:
     """Quantize every decoder linear of `model` in place; returns the dotted names of the
     replaced modules. calib: LongTensor [nsamples, seqlen].
 
@@ -198,13 +199,17 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     layers already there (from an interrupted run) are loaded instead of quantized again.
     The next layer's inputs are always computed by the quantized layer as stored (16-bit
     norms, TernaryLinear modules), so a resumed run is bit-identical to an uninterrupted one.
+
+    layer_loader: called with i before layer i is used, for models streamed layer by layer
+    (`stream.LayerStream.load_layer`); their weights are checked for NaN/inf on arrival.
     """
     from tqdm.auto import tqdm
 
     stats = stats if stats is not None else DriverStats()
     device = torch.device(device)
     parent, layers, layers_name = find_decoder_layers(model)
-    check_finite(layers, layers_name)
+    if layer_loader is None:
+        check_finite(layers, layers_name)
     quantizer = config.quantizer()
     use_data = config.method != "rtn"
     t0 = time.perf_counter()
@@ -217,6 +222,9 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     bar = tqdm(range(len(layers)), desc=f"quantize ({config.method})", unit="layer", disable=not progress)
     for i in bar:
         t_layer = time.perf_counter()
+        if layer_loader is not None:
+            layer_loader(i)
+            check_finite(layers[i:i + 1], f"{layers_name}", first=i)
         layer = layers[i].to(device)
         if i < done:
             bar.set_postfix_str("resumed")

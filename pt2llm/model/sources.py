@@ -151,3 +151,24 @@ def load_any(spec: str, dtype=None, progress: bool = True, device="cpu"):
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     model, tok, source = load_float(spec, dtype, progress)
     return model.to(device), tok, source
+
+
+def load_for_quantization(spec: str, dtype, progress: bool = True, stream: bool = True):
+    """(model, tokenizer, source, layer_loader). A local folder of safetensors weights is
+    streamed one decoder layer at a time (layer_loader loads layer i); anything else is
+    loaded whole (layer_loader None)."""
+    from . import stream as streaming
+
+    p = Path(spec)
+    if not (stream and streaming.has_safetensors(p) and not is_quantized_dir(p)):
+        return (*load_float(spec, dtype, progress), None)
+    from transformers import AutoTokenizer
+    try:
+        ls = streaming.LayerStream(p, dtype)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except streaming.StreamError as e:
+        raise SourceError(str(e)) from None
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"cannot load {spec!r} as a causal LM: {first}") from None
+    return ls.model, tok, {"model": spec, "streamed": True}, ls.load_layer
