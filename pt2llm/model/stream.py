@@ -84,6 +84,7 @@ class LayerStream:
                     raise StreamError(f"{self.folder}: {prefix + k} has shape {tuple(t.shape)}, "
                                       f"the config implies {tuple(target.shape)}")
                 target.data.copy_(t)
+        self._files.clear()  # drop the shards' memory maps: their pages would count as ours
 
     def _rebuild(self, name: str, mod: nn.Module) -> None:
         try:
