@@ -2,7 +2,8 @@
 
 Writes the first --layers decoder layers of a 70B-shaped model (random fp16 weights,
 one safetensors shard per layer plus one for embeddings/norm/lm_head, with an index),
-then quantizes them with PT² (paper settings) streaming one layer at a time, recording
+then quantizes them with PT² (paper settings) streaming one layer at a time, each finished
+layer written to the run's work folder and freed (as `pt2llm quantize` does), recording
 per-layer time, host RSS and peak GPU memory after each layer; extrapolates 80 layers.
 
     python benchmarks/scale_70b.py --layers 3 --out docs/results/scale-70b
@@ -95,16 +96,18 @@ def main():
             per_layer.append({"layer": i, "rss_gib_loaded": round(rss_gib(), 2)})
 
         stats = driver.DriverStats()
+        cfg = driver.QuantConfig()
+        work = checkpoint.WorkDir(Path(tmp) / "q", {"benchmark": "scale_70b"}, resume=False)
         t1 = time.perf_counter()
-        driver.quantize_model(ls.model, calib, driver.QuantConfig(), device=a.device, progress=False,
-                              stats=stats, layer_loader=loader)
+        driver.quantize_model(ls.model, calib, cfg, device=a.device, progress=False,
+                              stats=stats, layer_loader=loader, work=work)
         t_quant = time.perf_counter() - t1
         per_layer[-1]["rss_gib_after"] = round(rss_gib(), 2)
         per_layer[-1]["peak_gpu_gib"] = gpu_peak_gib()
         for row, s in zip(per_layer, stats.layers):
             row["seconds"] = s["seconds"]
         t2 = time.perf_counter()
-        checkpoint.save(ls.model, None, Path(tmp) / "q", {"method": "pt2", "modules": []})
+        checkpoint.save(ls.model, None, Path(tmp) / "q", {"method": "pt2", "modules": []}, work=work)
         t_save = time.perf_counter() - t2
     mean_layer = sum(r["seconds"] for r in per_layer) / len(per_layer)
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": datetime.date.today().isoformat(),

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -42,6 +44,9 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     float32/float64 tensors (embeddings, norms, lm_head) are stored in float16."""
     out, seen = {}, {}
     for k, v in model.state_dict().items():
+        if v.is_meta:  # a finished layer freed from memory: its tensors come from the work folder
+            out[k] = v
+            continue
         key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.numel() else None
         if key is not None and key in seen:
             continue
@@ -63,26 +68,48 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], f=None) -> None:
-    """A safetensors file with a deterministic layout; the sha256 of each tensor's bytes goes
-    into metadata["pt2llm_sha256"] (a JSON object, name -> hex digest)."""
+class LazyTensor(NamedTuple):
+    """A tensor to be read only when written out (a finished layer kept on disk)."""
+    dtype: torch.dtype
+    shape: tuple
+    load: Callable[[], torch.Tensor]
+
+
+def write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file with a deterministic layout (tensors in name order, metadata keys
+    sorted); the sha256 of each tensor's bytes goes into metadata["pt2llm_sha256"] (a JSON
+    object, name -> hex digest). Values are tensors or LazyTensors; one tensor at a time is
+    in memory: the header is written with placeholder digests of the same length, the data
+    streamed and hashed, then the header rewritten in place."""
     names = sorted(tensors)
-    blobs, header, offset, digests = [], {}, 0, {}
+    header, offset = {}, 0
     for k in names:
-        b = _tensor_bytes(tensors[k])
-        header[k] = {"dtype": _ST_DTYPES[tensors[k].dtype], "shape": list(tensors[k].shape),
-                     "data_offsets": [offset, offset + len(b)]}
-        digests[k] = hashlib.sha256(b).hexdigest()
-        offset += len(b)
-        blobs.append(b)
-    meta = dict(metadata, pt2llm_sha256=json.dumps(digests, sort_keys=True, separators=(",", ":")))
-    head = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+        t = tensors[k]
+        nbytes = math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+
+    def head(digests):
+        meta = dict(metadata, pt2llm_sha256=json.dumps(digests, sort_keys=True, separators=(",", ":")))
+        h = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
+        return h + b" " * (-len(h) % 8)
+
+    first = head({k: "0" * 64 for k in names})
+    digests = {}
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for b in blobs:
+        f.write(struct.pack("<Q", len(first)))
+        f.write(first)
+        for k in names:
+            t = tensors[k]
+            b = _tensor_bytes(t.load() if isinstance(t, LazyTensor) else t)
+            if len(b) != header[k]["data_offsets"][1] - header[k]["data_offsets"][0]:
+                raise CheckpointError(f"tensor {k!r} changed size while being written")
+            digests[k] = hashlib.sha256(b).hexdigest()
             f.write(b)
+        final = head(digests)
+        assert len(final) == len(first)
+        f.seek(8)
+        f.write(final)
         f.flush()
         os.fsync(f.fileno())
 
@@ -125,7 +152,10 @@ def check_writable(out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"cannot create {out}: {anc} is not a writable folder")
 
 
-def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwrite: bool = False) -> Path:
+def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwrite: bool = False,
+         work: "WorkDir | None" = None) -> Path:
+    """Write the quantized model; layers freed from memory (meta tensors) are read back from
+    `work`, one tensor at a time."""
     out = Path(out_dir)
     check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +171,15 @@ def save(model: nn.Module, tokenizer, out_dir, quantization_config: dict, overwr
         cfg.pop("transformers_version", None)
         if cfg.get("dtype") in ("float32", "float64", None):
             cfg["dtype"] = "float16"
-        write_safetensors(tmp / "model.safetensors", _unique_state(model),
+        state = _unique_state(model)
+        meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
+        if meta:
+            lazy = work.lazy_state() if work is not None else {}
+            missing = [k for k in meta if k not in lazy]
+            if missing:
+                raise CheckpointError(f"no data for {missing[0]}: neither in memory nor in the work folder")
+            state.update({k: lazy[k] for k in meta})
+        write_safetensors(tmp / "model.safetensors", state,
                           {"format": "pt", "pt2llm_format_version": str(FORMAT_VERSION)})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
@@ -261,6 +299,8 @@ class WorkDir:
     written under a temporary name and renamed, so a kill at any moment leaves only whole
     files. `pt2llm quantize ... --resume` continues after the last finished layer."""
 
+    layers_name = "model.layers"  # set by the driver to where the decoder layers live
+
     def __init__(self, out, manifest: dict, resume: bool, overwrite: bool = False):
         out = Path(out)
         self.path = out.parent / f".{out.name}.work"
@@ -318,8 +358,30 @@ class WorkDir:
         layer.load_state_dict(state, strict=True)
         return names
 
+    def lazy_state(self) -> dict[str, LazyTensor]:
+        """Every finished layer's tensors, by full name, read only when asked for."""
+        out = {}
+        for i in range(self.finished()):
+            path = str(self._file(i))
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+                specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
+            for k, (dt, shape) in specs.items():
+                out[f"{self.layers_name}.{i}.{k}"] = LazyTensor(_TORCH_DTYPES[dt], shape, _loader(path, k))
+        return out
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _loader(path: str, key: str):
+    def load():
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+    return load
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -65,7 +65,7 @@ def quantize(args) -> int:
             work.remove()
         raise
     qc = {**cfg.to_dict(), "calibration": calib_info, "source_model": source, "modules": modules}
-    checkpoint.save(model, tok, out, qc, overwrite=args.overwrite)
+    checkpoint.save(model, tok, out, qc, overwrite=args.overwrite, work=work)
     work.remove()
     wall = time.perf_counter() - t0
     gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""

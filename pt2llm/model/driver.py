@@ -219,6 +219,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
 
     replaced = []
     done = work.finished() if work is not None else 0
+    if work is not None:
+        work.layers_name = layers_name
     bar = tqdm(range(len(layers)), desc=f"quantize ({config.method})", unit="layer", disable=not progress)
     for i in bar:
         t_layer = time.perf_counter()
@@ -242,6 +244,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         if work is not None and i >= done:
             with stage("persist_layer"):
                 work.save_layer(i, layers[i])
+        if work is not None and layer_loader is not None:
+            layers[i] = layers[i].to("meta")  # streaming: the saved layer is read back at the end
             if os.environ.get("PT2LLM_FAULT_AFTER_LAYER") == str(i):  # fault injection for the resume test
                 os.kill(os.getpid(), signal.SIGKILL)
         replaced += [f"{layers_name}.{i}.{n}" for n in names]
