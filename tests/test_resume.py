@@ -31,3 +31,14 @@ def test_killed_run_resumes_to_a_byte_identical_model(tiny, tmp_path, capsys):
     assert cli.main([*args, "--out", str(out), "--resume"]) == 0
     assert sha256(out / "model.safetensors") == sha256(tmp_path / "ref" / "model.safetensors")
     assert not work.exists()
+
+
+def test_ctrl_c_exits_cleanly_saying_how_to_resume(tiny, tmp_path):
+    _, d = tiny
+    args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "64", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0:SIGINT"}
+    p = subprocess.run([sys.executable, "-m", "pt2llm", *args], env=env, capture_output=True, text=True)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and "--resume" in p.stderr and "1 finished layers" in p.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.work" / "layer-00000.safetensors").is_file()

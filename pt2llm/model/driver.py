@@ -246,12 +246,20 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
                 work.save_layer(i, layers[i])
         if work is not None and layer_loader is not None:
             layers[i] = layers[i].to("meta")  # streaming: the saved layer is read back at the end
-            if os.environ.get("PT2LLM_FAULT_AFTER_LAYER") == str(i):  # fault injection for the resume test
-                os.kill(os.getpid(), signal.SIGKILL)
+            _inject_fault(i)
         replaced += [f"{layers_name}.{i}.{n}" for n in names]
         stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3), "resumed": i < done})
     _round_to_fp16(model)
     return replaced
+
+
+def _inject_fault(i: int) -> None:
+    """Fault injection for the resume tests: PT2LLM_FAULT_AFTER_LAYER=N kills the process
+    (SIGKILL) once layer N is persisted; N:SIGINT interrupts it as Ctrl-C would."""
+    spec = os.environ.get("PT2LLM_FAULT_AFTER_LAYER", "")
+    layer, _, sig = spec.partition(":")
+    if layer == str(i):
+        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
 def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -> list[str]:
