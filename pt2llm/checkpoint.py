@@ -69,10 +69,12 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 class LazyTensor(NamedTuple):
-    """A tensor to be read only when written out (a finished layer kept on disk)."""
+    """A tensor to be read only when written out (a finished layer kept on disk), with the
+    sha256 its bytes must have."""
     dtype: torch.dtype
     shape: tuple
     load: Callable[[], torch.Tensor]
+    sha256: str | None = None
 
 
 def write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> None:
@@ -105,6 +107,9 @@ def write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> None:
             if len(b) != header[k]["data_offsets"][1] - header[k]["data_offsets"][0]:
                 raise CheckpointError(f"tensor {k!r} changed size while being written")
             digests[k] = hashlib.sha256(b).hexdigest()
+            if isinstance(t, LazyTensor) and t.sha256 not in (None, digests[k]):
+                raise CheckpointError(f"tensor {k!r} read back from the work folder does not match its "
+                                      f"recorded sha256: the work folder is corrupted")
             f.write(b)
         final = head(digests)
         assert len(final) == len(first)
@@ -364,10 +369,11 @@ class WorkDir:
         for i in range(self.finished()):
             path = str(self._file(i))
             with safe_open(path, framework="pt") as f:
-                keys = list(f.keys())
-                specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
+                digests = json.loads((f.metadata() or {}).get("pt2llm_sha256", "{}"))
+                specs = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
             for k, (dt, shape) in specs.items():
-                out[f"{self.layers_name}.{i}.{k}"] = LazyTensor(_TORCH_DTYPES[dt], shape, _loader(path, k))
+                out[f"{self.layers_name}.{i}.{k}"] = LazyTensor(_TORCH_DTYPES[dt], shape, _loader(path, k),
+                                                                digests.get(k))
         return out
 
     def remove(self) -> None:
