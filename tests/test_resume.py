@@ -38,7 +38,10 @@ def test_ctrl_c_exits_cleanly_saying_how_to_resume(tiny, tmp_path):
     args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4",
             "--seqlen", "64", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]
     env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0:SIGINT"}
-    p = subprocess.run([sys.executable, "-m", "pt2llm", *args], env=env, capture_output=True, text=True)
+    # a job started in the background by a non-interactive shell (CI) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: give the child the default back
+    p = subprocess.run([sys.executable, "-m", "pt2llm", *args], env=env, capture_output=True, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130, p.stderr
     assert "Traceback" not in p.stderr and "--resume" in p.stderr and "1 finished layers" in p.stderr
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.work" / "layer-00000.safetensors").is_file()
