@@ -2,19 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 EXIT_USAGE = 2
-
-
-def _device(arg: str | None) -> str:
-    import torch
-    if arg:
-        if arg.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {arg}: CUDA is not available on this machine")
-        return arg
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _positive(name):
@@ -107,16 +97,6 @@ def main(argv=None) -> int:
             raise
         print(f"pt2llm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def _json_default(o):
-    return str(o)
-
-
-def dump_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
 
 
 if __name__ == "__main__":

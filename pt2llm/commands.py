@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import resource
 import sys
 import time
@@ -10,8 +11,25 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data
-from .cli import _device, dump_json
 from .model import driver, sources
+
+
+def _device(arg: str | None) -> str:
+    if arg:
+        if arg.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: CUDA is not available on this machine")
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _json_default(o):
+    return str(o)
+
+
+def dump_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
 
 
 def is_user_error(e: Exception) -> bool:
@@ -41,10 +59,9 @@ def quantize(args) -> int:
     if ctx is not None and args.seqlen > ctx:
         raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({ctx} tokens)")
     calib = torch.empty(0, 0, dtype=torch.long)
-    if text is not None:
-        calib = data.random_windows(data.tokenize(tok, text), args.nsamples, args.seqlen, args.seed)
-    elif use_data:
-        calib = data.synthetic_windows(model, tok, args.nsamples, args.seqlen, args.seed, device)
+    if use_data:
+        calib = data.calibration_windows(args.calib, tok, args.nsamples, args.seqlen, args.seed,
+                                         model=model, device=device, text=text)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     stats = driver.DriverStats()
@@ -68,7 +85,8 @@ def quantize(args) -> int:
     checkpoint.save(model, tok, out, qc, overwrite=args.overwrite, work=work)
     work.remove()
     wall = time.perf_counter() - t0
-    gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    gpu = f", peak GPU {peak_gpu:.2f} GiB" if peak_gpu is not None else ""
     print(f"quantized {len(modules)} linears ({cfg.method}) in {wall:.1f} s on {device}: "
           f"peak host {_peak_host_gib():.2f} GiB{gpu}; saved {out}", file=sys.stderr)
     for name, damp, rebuilt in stats.damping_raised:
@@ -78,7 +96,7 @@ def quantize(args) -> int:
                    "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                    "wall_seconds": round(wall, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
                    "peak_host_gib": round(_peak_host_gib(), 3),
-                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None,
+                   "peak_gpu_gib": None if peak_gpu is None else round(peak_gpu, 3),
                    "config": qc, "per_layer": stats.layers}, args.report)
     return 0
 

@@ -171,11 +171,14 @@ def synthetic_windows(model, tokenizer, nsamples: int, seqlen: int, seed: int, d
 
 
 def calibration_windows(name: str, tokenizer, nsamples: int, seqlen: int, seed: int,
-                        model=None, device="cpu") -> torch.Tensor:
+                        model=None, device="cpu", text: str | None = None) -> torch.Tensor:
+    """Calibration windows [nsamples, seqlen] from a named set, a PATH or `synthetic`;
+    `text`, when given, is the set's text already read (by `calibration_text`)."""
     if nsamples <= 0:
         raise DataError(f"--nsamples must be positive, got {nsamples}")
     if seqlen <= 0:
         raise DataError(f"--seqlen must be positive, got {seqlen}")
     if name == "synthetic":
         return synthetic_windows(model, tokenizer, nsamples, seqlen, seed, device)
-    return random_windows(tokenize(tokenizer, calibration_text(name)), nsamples, seqlen, seed)
+    text = calibration_text(name) if text is None else text
+    return random_windows(tokenize(tokenizer, text), nsamples, seqlen, seed)

@@ -1,6 +1,5 @@
 """The real SmolLM2-135M (fetched once into the cache): PT² with a small calibration
 must beat naive ternary by a wide margin on WikiText-2."""
-import os
 
 import pytest
 import torch

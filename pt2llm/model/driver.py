@@ -226,7 +226,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         t_layer = time.perf_counter()
         if layer_loader is not None:
             layer_loader(i)
-            check_finite(layers[i:i + 1], f"{layers_name}", first=i)
+            check_finite(layers[i:i + 1], layers_name, first=i)
         layer = layers[i].to(device)
         if i < done:
             bar.set_postfix_str("resumed")
@@ -244,9 +244,9 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         if work is not None and i >= done:
             with stage("persist_layer"):
                 work.save_layer(i, layers[i])
+            _inject_fault(i)
         if work is not None and layer_loader is not None:
             layers[i] = layers[i].to("meta")  # streaming: the saved layer is read back at the end
-            _inject_fault(i)
         replaced += [f"{layers_name}.{i}.{n}" for n in names]
         stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3), "resumed": i < done})
     _round_to_fp16(model)
