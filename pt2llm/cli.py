@@ -70,11 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir", metavar="DIR", help="a folder written by pt2llm quantize")
     i.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 
-    e = sub.add_parser("eval", help="perplexity (GPTQ protocol) of one or more models",
+    e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and zero-shot tasks (lm-eval) of one or more models",
                        description="Perplexity by GPTQ's protocol: non-overlapping windows of --seqlen tokens over "
-                                   "the whole test text, exp of the mean token NLL.")
+                                   "the whole test text, exp of the mean token NLL. Zero-shot tasks are scored by "
+                                   "lm-evaluation-harness on the local files under $PT2LLM_DATA_DIR.")
     e.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="float models or quantized folders, compared side by side")
-    e.add_argument("--ppl", default="wikitext2,c4", help="comma-separated: wikitext2, c4, ptb (default wikitext2,c4)")
+    e.add_argument("--ppl", default=None,
+                   help="comma-separated: wikitext2, c4, ptb, or 'none' (default wikitext2,c4; none when --tasks is given)")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks: piqa, arc_easy, arc_challenge, hellaswag, winogrande, "
+                        "boolq, openbookqa, or 'all' (the seven; needs pip install 'pt2llm[eval]')")
+    e.add_argument("--limit", type=_positive("--limit"), default=None,
+                   help="score only the first N documents of each task (quick checks; not comparable to full runs)")
+    e.add_argument("--batch-size", type=_positive("--batch-size"), default=32, help="zero-shot batch size (default 32)")
     e.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")
     e.add_argument("--limit-windows", type=_positive("--limit-windows"), default=None,
                    help="score only the first N windows of each set (quick checks; not comparable to full runs)")

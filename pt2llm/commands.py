@@ -167,35 +167,61 @@ def inspect(args) -> int:
 
 
 def eval(args) -> int:  # noqa: A001 (the command's name)
+    from .eval import tasks as zero_shot
     from .eval.perplexity import perplexity
 
     device = _device(args.device)
-    sets = [s for s in args.ppl.split(",") if s]
+    ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2,c4")
+    sets = [] if ppl == "none" else [s for s in ppl.split(",") if s]
     for s in sets:
         if s not in data.EVAL_SETS:
-            raise ValueError(f"--ppl {s!r}: expected a comma-separated list of {', '.join(data.EVAL_SETS)}")
+            raise ValueError(f"--ppl {s!r}: expected a comma-separated list of {', '.join(data.EVAL_SETS)}, or none")
+    names = zero_shot.parse_tasks(args.tasks) if args.tasks else []
+    if not sets and not names:
+        raise ValueError("nothing to evaluate: give --ppl and/or --tasks")
     results = []
     for spec in args.models:
         model, tok, source = sources.load_any(spec, progress=not args.no_progress, device=device)
         ctx = getattr(model.config, "max_position_embeddings", None)
-        if ctx is not None and args.seqlen > ctx:
+        if sets and ctx is not None and args.seqlen > ctx:
             raise ValueError(f"--seqlen {args.seqlen} is longer than {spec}'s context ({ctx} tokens)")
         row = {"model": spec, "quantized": bool(source.get("quantized")), "device": device}
         for s in sets:
-            r = perplexity(model, tok, s, seqlen=args.seqlen, limit_windows=args.limit_windows,
-                           device=device, progress=not args.no_progress)
-            row[s] = r
+            row[s] = perplexity(model, tok, s, seqlen=args.seqlen, limit_windows=args.limit_windows,
+                                device=device, progress=not args.no_progress)
+        if names:
+            row["tasks"] = zero_shot.evaluate(model, tok, names, limit=args.limit, batch_size=args.batch_size,
+                                              device=device, progress=not args.no_progress)
         results.append(row)
         del model
-    width = max(len(r["model"]) for r in results)
-    print(f"{'model':<{width}}  " + "  ".join(f"{s:>12}" for s in sets))
-    for r in results:
-        print(f"{r['model']:<{width}}  " + "  ".join(f"{_fmt(r[s]['ppl']):>12}" for s in sets))
-    n = {s: results[0][s]["windows"] for s in sets}
-    print("windows of %d tokens: %s" % (args.seqlen, ", ".join(f"{s} {n[s]}" for s in sets)))
+    print(format_table(results, sets, names))
+    if sets:
+        n = {s: results[0][s]["windows"] for s in sets}
+        print("perplexity windows of %d tokens: %s" % (args.seqlen, ", ".join(f"{s} {n[s]}" for s in sets)))
+    if names:
+        print("tasks: %s over %s documents; mean of %s" % (
+            ", ".join(f"{t} {zero_shot.MEAN_METRIC[t]}" for t in names),
+            ", ".join(str(results[0]["tasks"][t]["n"]) for t in names),
+            "the seven" if "mean" in results[0]["tasks"] else "-"))
     if args.json:
-        dump_json({"seqlen": args.seqlen, "results": results}, args.json)
+        dump_json({"seqlen": args.seqlen, "limit": args.limit, "results": results}, args.json)
     return 0
+
+
+def format_table(results: list[dict], sets: list[str], names: list[str]) -> str:
+    """One line per model: perplexities, then each task's mean metric, then the mean."""
+    from .eval.tasks import MEAN_METRIC
+
+    cols = list(sets) + list(names) + (["mean"] if results and "mean" in results[0].get("tasks", {}) else [])
+    width = max(len("model"), *(len(r["model"]) for r in results))
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>13}" for c in cols)]
+    for r in results:
+        cells = [_fmt(r[s]["ppl"]) for s in sets]
+        cells += [f"{100 * r['tasks'][t][MEAN_METRIC[t]]:.2f}" for t in names]
+        if "mean" in cols:
+            cells.append(f"{100 * r['tasks']['mean']['value']:.2f}")
+        lines.append(f"{r['model']:<{width}}  " + "  ".join(f"{c:>13}" for c in cells))
+    return "\n".join(lines)
 
 
 def _fmt(x: float) -> str:
