@@ -30,6 +30,7 @@ from torch import nn
 
 from . import __version__
 from .nn import TernaryLinear
+from .rotate import online
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "pt2llm"
@@ -230,7 +231,8 @@ def read_quantization_config(path) -> dict:
 
 
 def replace_linears(model: nn.Module, qc: dict, device=None) -> None:
-    """Swap the quantized modules named in qc for empty TernaryLinear shells."""
+    """Swap the quantized modules named in qc for empty TernaryLinear shells, and give the
+    modules that model.config's rotation record names their (empty) online transforms."""
     bits = qc.get("bits") if qc.get("method") == "gptq" else None
     for name in qc["modules"]:
         lin = model.get_submodule(name)
@@ -240,6 +242,7 @@ def replace_linears(model: nn.Module, qc: dict, device=None) -> None:
                             block_size=qc["block_size"], bits=bits, device=device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    online.install(model, device=device)  # a rotated model's online input transforms, if its config records them
 
 
 def load(path, device="cpu", dtype=None, verify: bool = True):
@@ -358,6 +361,7 @@ class WorkDir:
             dev = lin.weight.device
             new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                 block_size=config.block_size, bits=config.code_bits, device=dev)
+            new.input_transform = getattr(lin, "input_transform", None)  # rotated layer: kept
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, new)
         layer.load_state_dict(state, strict=True)

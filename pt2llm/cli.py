@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-iters", type=_positive("--max-iters"), default=50, help="ITF iteration cap (default 50)")
     q.add_argument("--reorder", choices=["ssr", "hessian", "random", "none"], default=None,
                    help="column order: ssr (default for pt2), hessian (GPTQ act-order), random, none (default for rtn/gptq)")
+    q.add_argument("--rotate", choices=["none", "hadamard"], default="none",
+                   help="hadamard: rotate the float model first (random Hadamard on the residual stream, value "
+                        "heads and down_proj's input; exact in float) so weights and activations are incoherent; "
+                        "down_proj then applies a fast online Hadamard at run time (default none)")
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")
@@ -58,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="compute device: cpu | cuda | cuda:N (default: cuda if available)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.add_argument("--report", metavar="FILE", help="write wall time, per-stage seconds and peak memory as JSON")
+
+    r = sub.add_parser("rotate", help="write the Hadamard-rotated float model (same outputs; for checking)",
+                       description="Fold the RMSNorm weights into the linears that read them and rotate the model "
+                                   "with random Hadamard matrices (what quantize --rotate hadamard does before "
+                                   "quantizing). The folder loads with the pt2llm commands (eval, generate, "
+                                   "quantize), which rebuild down_proj's online transform.")
+    r.add_argument("model", metavar="MODEL", help="hub id, local HF folder, .gguf file, or demo alias")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random signs (default 0)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     g = sub.add_parser("generate", help="generate text from a model (greedy)")
     g.add_argument("model", metavar="DIR_OR_MODEL", help="a quantized folder, or any MODEL that quantize accepts")

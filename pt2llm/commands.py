@@ -45,7 +45,8 @@ def quantize(args) -> int:
     device = _device(args.device)
     cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
-                             max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed)
+                             max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
+                             rotate=args.rotate)
     out = Path(args.out)
     checkpoint.check_writable(out, args.overwrite)
     t0 = time.perf_counter()
@@ -101,6 +102,20 @@ def quantize(args) -> int:
     return 0
 
 
+def rotate(args) -> int:
+    from .rotate import fold, folder
+
+    out = Path(args.out)
+    checkpoint.check_writable(out, args.overwrite)
+    model, tok, _ = sources.load_float(args.model, torch.float32, progress=not args.no_progress)
+    record = fold.rotate_model(model, args.seed)
+    folder.save(model, tok, out, overwrite=args.overwrite)
+    untied = "; lm_head untied from the embeddings" if record["untied_lm_head"] else ""
+    print(f"rotated {args.model} (random Hadamard, seed {args.seed}; {len(record['online'])} online transforms "
+          f"on down_proj{untied}); saved {out}", file=sys.stderr)
+    return 0
+
+
 def generate(args) -> int:
     device = _device(args.device)
     model, tok, _ = sources.load_any(args.model, device=device)
@@ -143,7 +158,8 @@ def inspect_dir(path) -> dict:
     return {"dir": str(path), "method": qc.get("method"), "block_size": qc.get("block_size"),
             "quantized_modules": len(rows), "quantized_weights": qweights, "quantized_bytes": qbytes,
             "bits_per_weight": 8 * qbytes / max(qweights, 1), "file_bytes": st.stat().st_size,
-            "other_bytes": total - qbytes, "modules": rows}
+            "other_bytes": total - qbytes, "modules": rows,
+            "rotation": checkpoint.read_config(path).get("pt2llm_rotation")}
 
 
 def _dtype_bytes(name: str) -> int:
@@ -161,6 +177,10 @@ def inspect(args) -> int:
           f"{rep['bits_per_weight']:.3f} bits per weight (codes + alpha/mu + column order)")
     print(f"model.safetensors: {rep['file_bytes'] / 2**20:.1f} MiB "
           f"(of which {rep['other_bytes'] / 2**20:.1f} MiB unquantized: embeddings, norms, lm_head, biases)")
+    if rep["rotation"]:
+        rot = rep["rotation"]
+        print(f"rotated: random Hadamard (seed {rot.get('seed')}), online transform on the input of "
+              f"{len(rot['online'])} modules" + ("; lm_head untied from the embeddings" if rot.get("untied_lm_head") else ""))
     if args.json:
         dump_json(rep, args.json)
     return 0

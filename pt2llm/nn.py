@@ -6,6 +6,8 @@ Buffers (all in the state dict, all safetensors-friendly):
   mu      fp16  [out, ceil(in/block)] per-row, per-block offset; weight = alpha*code + mu
   perm    int16 [in] (int32 when in >= 32768): stored column j is input column perm[j]
   bias    fp16 [out], the original layer's bias, when it had one
+  input_transform.signs  int8 [in], only with an online input transform (rotated models,
+          `rotate.online.OnlineHadamard`): forward computes x Q, dequantize() gives W Q
 Blocks are consecutive runs of `block_size` stored columns; the last may be shorter.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TernaryLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
         else:
             self.bias = None
+        self.input_transform = None  # optional module applied to x first (rotate.online; its state is saved)
 
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None = None, bits: int | None = None):
@@ -73,6 +76,8 @@ class TernaryLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:  # online Hadamard (rotated models): x Q, weight stored as W Q
+            x = self.input_transform(x)
         return kernels.linear(x, self.weight_permuted(x.dtype), self.perm, self.bias)
 
     def storage_bytes(self) -> int:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .. import ternary
+from .. import rotate, ternary
 from ..nn import TernaryLinear
 from ..timing import stage
 
@@ -45,7 +45,8 @@ class QuantConfig:
     reorder: str | None = None   # None: ssr for pt2, none for rtn/gptq
     max_iters: int = 50
     percdamp: float = 0.01
-    seed: int = 0
+    seed: int = 0                # also seeds the rotation's random signs
+    rotate: str = "none"         # none | hadamard: rotate the float model first (rotate/fold.py)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -58,6 +59,8 @@ class QuantConfig:
             self.reorder = "ssr" if self.method == "pt2" else "none"
         if self.reorder not in ternary.ssr.ORDERS:
             raise ValueError(f"unknown reorder {self.reorder!r}; expected one of {ternary.ssr.ORDERS}")
+        if self.rotate not in rotate.METHODS:
+            raise ValueError(f"unknown rotate {self.rotate!r}; expected one of {rotate.METHODS}")
         if self.method == "rtn" and self.reorder == "hessian":
             raise ValueError("rtn uses no calibration data, so it cannot use --reorder hessian")
 
@@ -202,6 +205,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
 
     layer_loader: called with i before layer i is used, for models streamed layer by layer
     (`stream.LayerStream.load_layer`); their weights are checked for NaN/inf on arrival.
+
+    config.rotate == "hadamard": the float model is rotated first (`rotate.fold`: embeddings,
+    final norm and lm_head at once, each decoder layer on the device when its turn comes), so
+    the Hessians are those of the rotated activations; down_proj keeps its online transform.
     """
     from tqdm.auto import tqdm
 
@@ -212,6 +219,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         check_finite(layers, layers_name)
     quantizer = config.quantizer()
     use_data = config.method != "rtn"
+    plan = None
+    if config.rotate == "hadamard":
+        plan = rotate.fold.Plan.for_model(model, config.seed)
+        rotate.fold.rotate_outside(model, plan, layers_name)
     t0 = time.perf_counter()
     if use_data:
         inps, args, kwargs = capture_layer_inputs(model, parent, layers, calib, device)
@@ -228,6 +239,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
             layer_loader(i)
             check_finite(layers[i:i + 1], layers_name, first=i)
         layer = layers[i].to(device)
+        if plan is not None:
+            rotate.fold.rotate_layer(layer, i, plan)
         if i < done:
             bar.set_postfix_str("resumed")
             names = work.load_layer(i, layer, config)
@@ -295,6 +308,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -
     for n, r in results.items():
         with stage("packing"):
             q = TernaryLinear.from_result(r, linears[n].bias, bits=config.code_bits).to(device)
+        q.input_transform = getattr(linears[n], "input_transform", None)  # rotated down_proj: x Q stays online
         _set_module(layer, n, q)
     return list(results)
 
@@ -311,10 +325,11 @@ def _group_hessian(layer, group: list[nn.Linear], inps, args, kwargs) -> torch.T
     """H = 2 X X^T / N of the input shared by `group`, stopping each forward pass as soon
     as the last linear of the group is reached."""
     acc = ternary.HessianAccumulator(group[0].in_features, device=group[0].weight.device)
+    transform = getattr(group[0], "input_transform", None)  # the linear sees x Q, not x
 
     def add(module, inp):
         with stage("hessian"):
-            acc.add(inp[0])
+            acc.add(inp[0] if transform is None else transform(inp[0]))
 
     def stop(module, inp):
         raise _StopForward

@@ -130,6 +130,13 @@ def load_float(spec: str, dtype=torch.float32, progress: bool = True):
     p = Path(spec)
     if not p.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise SourceError(f"model folder {spec} does not exist")
+    from ..rotate import folder as rotated
+    if rotated.is_rotated_folder(p):  # written by `pt2llm rotate`: online transforms to rebuild
+        try:
+            model, tok = rotated.load(p, dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise SourceError(f"cannot load the rotated model {spec}: {e}") from None
+        return model, tok, {"model": spec, "rotated": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(spec)
@@ -159,8 +166,9 @@ def load_for_quantization(spec: str, dtype, progress: bool = True, stream: bool 
     loaded whole (layer_loader None)."""
     from . import stream as streaming
 
+    from ..rotate.folder import is_rotated_folder
     p = Path(spec)
-    if not (stream and streaming.has_safetensors(p) and not is_quantized_dir(p)):
+    if not (stream and streaming.has_safetensors(p) and not is_quantized_dir(p) and not is_rotated_folder(p)):
         return (*load_float(spec, dtype, progress), None)
     from transformers import AutoTokenizer
     try:

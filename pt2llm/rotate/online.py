@@ -1,0 +1,108 @@
+"""Run-time (online) input transforms: x -> x diag(s) K_n before a linear whose weight was
+multiplied by the same orthogonal matrix offline (W diag(s) K_n), so the product is
+unchanged while the weight and its input are incoherent. QuaRot puts one on down_proj's
+input, which the residual rotation cannot reach.
+
+`hadamard_input(x, signs)` is the whole computation (a Triton path can call it or replace
+it); `OnlineHadamard` holds the signs (int8 buffer, saved with the model); the small dense
+factor is rebuilt from the width (`hadamard.factor`), so nothing else is stored.
+`install(model, record)` rebuilds the transforms a saved folder records in its config
+(key `pt2llm_rotation`, list "online": module names).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hadamard
+
+CONFIG_KEY = "pt2llm_rotation"
+
+
+def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """x diag(signs) K_n along the last dimension, in float32 for 16-bit inputs (the FWHT sums
+    many terms), returned in x's dtype."""
+    y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return hadamard.transform(y, signs).to(x.dtype)
+
+
+class OnlineHadamard(nn.Module):
+    """x -> x diag(signs) K_n, n = len(signs)."""
+
+    def __init__(self, n: int, signs: torch.Tensor | None = None, device=None):
+        super().__init__()
+        if signs is None:
+            signs = torch.ones(n, dtype=torch.int8, device=device)
+        if tuple(signs.shape) != (n,):
+            raise ValueError(f"need {n} signs, got shape {tuple(signs.shape)}")
+        self.register_buffer("signs", signs.to(torch.int8))
+
+    @property
+    def size(self) -> int:
+        return self.signs.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard_input(x, self.signs)
+
+    def extra_repr(self) -> str:
+        kind, h = hadamard.plan(self.size)
+        return f"n={self.size}, factor={kind}:{h}"
+
+
+class RotatedLinear(nn.Linear):
+    """A float nn.Linear whose input first goes through `input_transform`."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.input_transform = OnlineHadamard(in_features, device=device)
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, transform: OnlineHadamard) -> "RotatedLinear":
+        """The same weight and bias (shared, not copied) behind `transform`."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.input_transform = transform
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_transform(x), self.weight, self.bias)
+
+
+def attach(model: nn.Module, name: str, transform: OnlineHadamard) -> None:
+    """Put `transform` in front of the linear `name`: a TernaryLinear (or anything with an
+    `input_transform` attribute) takes it as is, a float nn.Linear becomes a RotatedLinear."""
+    mod = model.get_submodule(name)
+    if not isinstance(mod, nn.Module) or getattr(mod, "in_features", None) != transform.size:
+        raise ValueError(f"{name}: no linear layer with {transform.size} inputs to put an online transform on")
+    if hasattr(mod, "input_transform"):
+        mod.input_transform = transform
+        return
+    if not isinstance(mod, nn.Linear):
+        raise ValueError(f"{name} is a {type(mod).__name__}, not a linear layer")
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, RotatedLinear.wrap(mod, transform))
+
+
+def record_of(config) -> dict | None:
+    """The rotation record in a model config (a transformers config or a dict), or None."""
+    rec = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
+    if rec is None:
+        return None
+    if not (isinstance(rec, dict) and rec.get("method") == "hadamard" and isinstance(rec.get("online"), list)):
+        raise ValueError(f"config key {CONFIG_KEY!r} is not a rotation record this pt2llm knows: {rec!r}")
+    return rec
+
+
+def install(model: nn.Module, record: dict | None = None, device=None) -> None:
+    """Empty online transforms (their signs are loaded with the weights) on every module the
+    rotation record names; the record defaults to the one in model.config."""
+    record = record if record is not None else record_of(model.config)
+    if record is None:
+        return
+    for name in record["online"]:
+        mod = model.get_submodule(name)
+        if getattr(mod, "input_transform", None) is None:
+            attach(model, name, OnlineHadamard(mod.in_features, device=device))

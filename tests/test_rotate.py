@@ -1,0 +1,180 @@
+"""Rotated models: the float transform is exact (same logits), rotated quantized models
+save, load (both ways), resume, and every command takes them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import pt2llm
+from pt2llm import cli, data
+from pt2llm.model import driver, sources
+from pt2llm.rotate import RotationError, fold, hadamard, online
+from tinymodels import quantize, sha256
+
+
+def _float(d):
+    """The tiny float model with random norm weights and biases, so folding them is tested."""
+    model, tok, _ = sources.load_float(str(d / "float"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model, tok
+
+
+def _logits(model, tok):
+    x = torch.randint(0, len(tok), (3, 23), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _close(out, ref, rel=2e-5):
+    """Max abs difference within rel of the largest logit, and the difference's norm too."""
+    assert ref.abs().max() > 0.5
+    assert (out - ref).abs().max() <= rel * ref.abs().max(), (out - ref).abs().max()
+    assert (out - ref).norm() <= rel * ref.norm()
+
+
+def test_rotated_float_model_gives_the_same_logits(tiny):
+    kind, d = tiny
+    model, tok = _float(d)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == (kind == "llama")
+    ref = _logits(model, tok)
+    emb = model.model.embed_tokens.weight.clone()
+    record = fold.rotate_model(model, seed=0)
+    out = _logits(model, tok)
+    _close(out, ref)
+    # it did rotate: embeddings changed, norms folded to 1, lm_head untied, down_proj online
+    assert (model.model.embed_tokens.weight - emb).abs().max() > 0.01
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in
+               [model.model.norm] + [lay.input_layernorm for lay in model.model.layers])
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert record["untied_lm_head"] == tied and model.config.tie_word_embeddings is False
+    assert record["online"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert isinstance(model.model.layers[0].mlp.down_proj, online.RotatedLinear)
+    # each part matters: without down_proj's online transform the model is wrong
+    down = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        wrong = down.input_transform.signs.clone()
+        wrong[0] *= -1
+        down.input_transform.signs.copy_(wrong)
+    assert (_logits(model, tok) - ref).abs().max() > 1e-3
+
+
+def test_a_second_rotation_and_other_models_are_refused(tiny):
+    _, d = tiny
+    model, _ = _float(d)
+    fold.rotate_model(model)
+    with pytest.raises(RotationError, match="already rotated"):
+        fold.rotate_model(model)
+    model, _ = _float(d)
+    model.config.model_type = "gemma"
+    with pytest.raises(RotationError, match="model types"):
+        fold.rotate_model(model)
+
+
+def test_rotate_command_writes_a_loadable_rotated_folder(tiny, tmp_path, capsys):
+    kind, d = tiny
+    out = tmp_path / "rot"
+    assert cli.main(["rotate", str(d / "float"), "--out", str(out), "--seed", "3", "--no-progress"]) == 0
+    assert "rotated" in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pt2llm_rotation"]["seed"] == 3 and cfg["tie_word_embeddings"] is False
+    rotated, tok, source = sources.load_float(str(out))
+    assert source.get("rotated") and isinstance(rotated.model.layers[1].mlp.down_proj, online.RotatedLinear)
+    original, _, _ = sources.load_float(str(d / "float"))
+    _close(_logits(rotated, tok), _logits(original, tok))
+    # the signs are read from the folder, not invented: a different seed gives other signs
+    other = fold.Plan.for_model(original, seed=4).down[1]
+    assert torch.equal(rotated.model.layers[1].mlp.down_proj.input_transform.signs,
+                       fold.Plan.for_model(original, seed=3).down[1])
+    assert not torch.equal(rotated.model.layers[1].mlp.down_proj.input_transform.signs, other)
+    # quantizing the rotated folder is the same as quantizing with --rotate hadamard
+    quantize(d, tmp_path / "q-rotated-folder", "--seed", "3")  # d/float, unrotated: a control
+    args = ["--calib", str(d / "calib.txt"), "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
+            "--no-progress", "--seed", "3"]
+    assert cli.main(["quantize", str(out), "--out", str(tmp_path / "qa"), *args]) == 0
+    assert cli.main(["quantize", str(d / "float"), "--out", str(tmp_path / "qb"), "--rotate", "hadamard", *args]) == 0
+    a, b = (sha256(tmp_path / q / "model.safetensors") for q in ("qa", "qb"))
+    assert a == b != sha256(tmp_path / "q-rotated-folder" / "model.safetensors")
+    # and rotating it twice is refused with one line
+    assert cli.main(["quantize", str(out), "--out", str(tmp_path / "qc"), "--rotate", "hadamard", *args]) == 2
+    assert "already rotated" in capsys.readouterr().err
+
+
+def test_rotate_quantize_save_load_round_trip(tiny, tmp_path, capsys):
+    kind, d = tiny
+    out = tmp_path / "q"
+    quantize(d, out, "--rotate", "hadamard")
+    model, tok, _ = sources.load_float(str(d / "float"))
+    float_logits = _logits(model, tok)
+    calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
+    mods = driver.quantize_model(model, calib, driver.QuantConfig(rotate="hadamard"), progress=False)
+    assert len(mods) == 14
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, pt2llm.TernaryLinear) and isinstance(down.input_transform, online.OnlineHadamard)
+    ref = _logits(model, tok)
+    a = _logits(pt2llm.load(out)[0], tok)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert isinstance(hf.model.layers[1].mlp.down_proj.input_transform, online.OnlineHadamard)
+    b = _logits(hf, tok)
+    torch.testing.assert_close(a, ref, rtol=0, atol=0)
+    torch.testing.assert_close(b, ref, rtol=0, atol=0)
+    # without the online transform the quantized model computes something else
+    hf.model.layers[1].mlp.down_proj.input_transform = None
+    assert (_logits(hf, tok) - ref).abs().max() > 1e-3
+    # a quantized model, not the float one (but not a broken one either)
+    assert (ref - float_logits).abs().max() > 1e-3 and torch.isfinite(ref).all()
+    qc = json.loads((out / "config.json").read_text())
+    assert qc["quantization_config"]["rotate"] == "hadamard" and qc["pt2llm_rotation"]["method"] == "hadamard"
+    # inspect, generate and eval take it
+    assert cli.main(["inspect", str(out), "--json", str(tmp_path / "i.json")]) == 0
+    assert "online transform" in capsys.readouterr().out
+    assert json.loads((tmp_path / "i.json").read_text())["rotation"]["online"] == qc["pt2llm_rotation"]["online"]
+    assert cli.main(["generate", str(out), "the quick", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+
+
+def test_killed_rotated_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
+    _, d = tiny
+    args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4", "--seqlen", "64",
+            "--device", "cpu", "--no-progress", "--rotate", "hadamard"]
+    assert cli.main([*args, "--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0"}
+    p = subprocess.run([sys.executable, "-m", "pt2llm", *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (tmp_path / ".out.work" / "layer-00000.safetensors").is_file()
+    # a resume without rotation is another run
+    assert cli.main([*args[:-2], "--out", str(out), "--resume"]) == 2
+    assert cli.main([*args, "--out", str(out), "--resume"]) == 0
+    assert sha256(out / "model.safetensors") == sha256(tmp_path / "ref" / "model.safetensors")
+
+
+def test_hessian_of_an_online_transformed_linear_is_that_of_its_transformed_input():
+    n = 328
+    lin = torch.nn.Linear(n, 7, bias=False)
+    signs = hadamard.random_signs(n, torch.Generator().manual_seed(1))
+    layer = torch.nn.Sequential(online.RotatedLinear.wrap(lin, online.OnlineHadamard(n, signs)))
+    inps = [torch.randn(1, 11, n, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    H = driver._group_hessian(layer, [layer[0]], inps, (), {})
+    x = torch.cat([t.reshape(-1, n) for t in inps]).double()
+    xq = x @ hadamard.matrix(n, signs)
+    torch.testing.assert_close(H.double(), 2 * xq.t() @ xq / x.shape[0], rtol=1e-4, atol=1e-5)
+    assert (H.double() - 2 * x.t() @ x / x.shape[0]).abs().max() > 0.1
+
+
+def test_quant_config_rejects_unknown_rotations():
+    assert driver.QuantConfig(rotate="hadamard").to_dict()["rotate"] == "hadamard"
+    with pytest.raises(ValueError, match="rotate"):
+        driver.QuantConfig(rotate="random")
