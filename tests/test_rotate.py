@@ -99,16 +99,19 @@ def test_rotate_command_writes_a_loadable_rotated_folder(tiny, tmp_path, capsys)
                        fold.Plan.for_model(original, seed=3).down[1])
     assert not torch.equal(rotated.model.layers[1].mlp.down_proj.input_transform.signs, other)
     # quantizing the rotated folder is the same as quantizing with --rotate hadamard
-    quantize(d, tmp_path / "q-rotated-folder", "--seed", "3")  # d/float, unrotated: a control
+    quantize(d, tmp_path / "q-unrotated", "--seed", "3")  # a control
     args = ["--calib", str(d / "calib.txt"), "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
             "--no-progress", "--seed", "3"]
     assert cli.main(["quantize", str(out), "--out", str(tmp_path / "qa"), *args]) == 0
     assert cli.main(["quantize", str(d / "float"), "--out", str(tmp_path / "qb"), "--rotate", "hadamard", *args]) == 0
     a, b = (sha256(tmp_path / q / "model.safetensors") for q in ("qa", "qb"))
-    assert a == b != sha256(tmp_path / "q-rotated-folder" / "model.safetensors")
+    assert a == b != sha256(tmp_path / "q-unrotated" / "model.safetensors")
     # and rotating it twice is refused with one line
     assert cli.main(["quantize", str(out), "--out", str(tmp_path / "qc"), "--rotate", "hadamard", *args]) == 2
     assert "already rotated" in capsys.readouterr().err
+    # a quantized model cannot be rotated
+    assert cli.main(["rotate", str(tmp_path / "q-unrotated"), "--out", str(tmp_path / "r2"), "--no-progress"]) == 2
+    assert "only float models" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 
 
 def test_rotate_quantize_save_load_round_trip(tiny, tmp_path, capsys):

@@ -96,6 +96,12 @@ def check_supported(model: nn.Module):
         raise RotationError(f"rotation supports model types {', '.join(MODEL_TYPES)}; "
                             f"got {getattr(cfg, 'model_type', None)!r}")
     base = model.model
+    for layer in base.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if not isinstance(lin, nn.Linear):
+                raise RotationError(f"{type(lin).__name__} is not a float nn.Linear: only float models can be "
+                                    f"rotated (rotate first, then quantize)")
     norms = [base.norm] + [n for layer in base.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     for n in norms:
         if getattr(n, "bias", None) is not None or not type(n).__name__.endswith("RMSNorm"):

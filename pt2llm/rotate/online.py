@@ -75,7 +75,7 @@ def attach(model: nn.Module, name: str, transform: OnlineHadamard) -> None:
     """Put `transform` in front of the linear `name`: a TernaryLinear (or anything with an
     `input_transform` attribute) takes it as is, a float nn.Linear becomes a RotatedLinear."""
     mod = model.get_submodule(name)
-    if not isinstance(mod, nn.Module) or getattr(mod, "in_features", None) != transform.size:
+    if getattr(mod, "in_features", None) != transform.size:
         raise ValueError(f"{name}: no linear layer with {transform.size} inputs to put an online transform on")
     if hasattr(mod, "input_transform"):
         mod.input_transform = transform
