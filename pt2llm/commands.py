@@ -149,7 +149,7 @@ def inspect_dir(path) -> dict:
     for name in qc["modules"]:
         parts = [sizes[f"{name}.{b}"] for b in ("packed", "alpha", "mu", "perm")]
         out_f, in_f = parts[1][0][0], parts[3][0][0]
-        nbytes = sum(p[1] for p in parts)
+        nbytes = sum(p[1] for p in parts) + sizes.get(f"{name}.input_transform.signs", (0, 0))[1]
         rows.append({"module": name, "out": out_f, "in": in_f, "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / (out_f * in_f)})
         qbytes += nbytes
@@ -180,7 +180,8 @@ def inspect(args) -> int:
     if rep["rotation"]:
         rot = rep["rotation"]
         print(f"rotated: random Hadamard (seed {rot.get('seed')}), online transform on the input of "
-              f"{len(rot['online'])} modules" + ("; lm_head untied from the embeddings" if rot.get("untied_lm_head") else ""))
+              f"{len(rot['online'])} modules (their signs, a byte per input, counted in bits per weight)"
+              + ("; lm_head untied from the embeddings" if rot.get("untied_lm_head") else ""))
     if args.json:
         dump_json(rep, args.json)
     return 0

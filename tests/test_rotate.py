@@ -142,7 +142,10 @@ def test_rotate_quantize_save_load_round_trip(tiny, tmp_path, capsys):
     # inspect, generate and eval take it
     assert cli.main(["inspect", str(out), "--json", str(tmp_path / "i.json")]) == 0
     assert "online transform" in capsys.readouterr().out
-    assert json.loads((tmp_path / "i.json").read_text())["rotation"]["online"] == qc["pt2llm_rotation"]["online"]
+    rep = json.loads((tmp_path / "i.json").read_text())
+    assert rep["rotation"]["online"] == qc["pt2llm_rotation"]["online"]
+    row = next(r for r in rep["modules"] if r["module"] == "model.layers.1.mlp.down_proj")
+    assert row["bytes"] == down.storage_bytes() + down.in_features  # the int8 signs are counted
     assert cli.main(["generate", str(out), "the quick", "--max-new-tokens", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("the quick")
 
