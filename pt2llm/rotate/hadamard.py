@@ -15,7 +15,7 @@ x K for a row vector x: reshape x to [m', p], FWHT along p, then the small dense
 Widths of the models at hand: SmolLM2-135M 576 = H36 (Paley II, q=17) ⊗ H16, 1536 = H12
 (Paley I, q=11) ⊗ H128, head_dim 64 = H64; Qwen2.5-Coder-0.5B 896 = H28 (Paley II, q=13)
 ⊗ H32, 4864 = H76 (Paley II, q=37) ⊗ H64; the tiny test models 200 = H200 (Paley I, q=199),
-328 = H164 (Paley I, q=163) ⊗ H2.
+328 = H164 (Paley I, q=163) ⊗ H2, head_dim 50 = random 25 ⊗ H2.
 """
 from __future__ import annotations
 
