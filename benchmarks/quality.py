@@ -111,7 +111,8 @@ def run_row(name: str, args, work: Path) -> dict:
         cmd = [sys.executable, "-m", "pt2llm", "quantize", args.model, "--out", str(qdir), "--overwrite",
                "--device", args.device, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--no-progress", "--report", str(work / f"{name}.quant.json"), *qargs]
-        subprocess.run(cmd, check=True)
+        if not ((qdir / "model.safetensors").is_file() and (work / f"{name}.quant.json").is_file()):
+            subprocess.run(cmd, check=True)  # else: a finished folder from an interrupted row is reused
         rep = json.loads((work / f"{name}.quant.json").read_text())
         row["quant_seconds"] = rep.get("wall_seconds", time.perf_counter() - t0)
         row["bits_per_weight"] = commands.inspect_dir(qdir)["bits_per_weight"]
