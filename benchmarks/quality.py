@@ -202,20 +202,30 @@ def markdown(rows: list[dict], args) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Perplexity against bits per weight: methods labelled, PT² ablations as small grey
+    points (they share PT²'s bits), FP16 as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ablation = ("pt2-", "reorder-")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, s in zip(axes, PPL_SETS):
         for r in rows:
             y = r[s]["ppl"]
             if not (y < float("inf")):
                 continue
-            ax.scatter(r["bits_per_weight"], y, s=30)
-            ax.annotate(r["label"], (r["bits_per_weight"], y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            if r["kind"] == "float":
+                ax.axhline(y, ls="--", c="k", lw=1)
+                ax.annotate(f"{r['label']} ({y:.1f})", (1.55, y), fontsize=8, xytext=(0, 3), textcoords="offset points")
+            elif r["row"].startswith(ablation) and "rot" not in r["row"]:
+                ax.scatter(r["bits_per_weight"], y, s=12, c="grey")
+            else:
+                ax.scatter(r["bits_per_weight"], y, s=36)
+                ax.annotate(r["label"], (r["bits_per_weight"], y), fontsize=7, xytext=(5, 2), textcoords="offset points")
         ax.set_yscale("log")
-        ax.set_xlabel("bits per weight (decoder linears)")
+        ax.set_xlim(1.5, 3.9)
+        ax.set_xlabel("bits per weight (decoder linears; grey: PT² ablations)")
         ax.set_ylabel(f"{s} perplexity (log)")
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title)
