@@ -32,7 +32,7 @@ from . import __version__
 from .nn import TernaryLinear
 from .rotate import online
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ternary codes packed 5 rows a byte (pack.pack_trit_rows); 1: 5 columns a byte
 QUANT_METHOD = "pt2llm"
 
 
@@ -234,15 +234,23 @@ def replace_linears(model: nn.Module, qc: dict, device=None) -> None:
     """Swap the quantized modules named in qc for empty TernaryLinear shells, and give the
     modules that model.config's rotation record names their (empty) online transforms."""
     bits = qc.get("bits") if qc.get("method") == "gptq" else None
+    packing = 1 if qc.get("format_version") == 1 else 2  # format 1 is repacked by upgrade_linears
     for name in qc["modules"]:
         lin = model.get_submodule(name)
         if isinstance(lin, TernaryLinear):
             continue
         new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                            block_size=qc["block_size"], bits=bits, device=device)
+                            block_size=qc["block_size"], bits=bits, device=device, packing=packing)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     online.install(model, device=device)  # a rotated model's online input transforms, if its config records them
+
+
+def upgrade_linears(model: nn.Module) -> None:
+    """Repack every format-1 TernaryLinear (loaded from an older folder) into format 2."""
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.upgrade_packing()
 
 
 def load(path, device="cpu", dtype=None, verify: bool = True):
@@ -287,6 +295,7 @@ def load(path, device="cpu", dtype=None, verify: bool = True):
     if missing or unexpected:
         raise CheckpointError(f"{st} does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    upgrade_linears(model)
     from .hf import PT2LLMConfig
     config.quantization_config = PT2LLMConfig(**qc)
     model.config = config

@@ -104,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     e.add_argument("--json", metavar="FILE", help="write the results as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s and GPU memory of a model (CUDA)",
+                       description="Time a forward pass over the prompt (prefill) and greedy decoding one token "
+                                   "at a time into a static KV cache, replayed as a CUDA graph; random prompt tokens.")
+    b.add_argument("model", metavar="MODEL_OR_DIR", help="a quantized folder, or any MODEL that quantize accepts")
+    b.add_argument("--prompt-len", type=_positive("--prompt-len"), default=128, help="prompt tokens (default 128)")
+    b.add_argument("--new-tokens", type=_positive("--new-tokens"), default=256, help="tokens to decode (default 256)")
+    b.add_argument("--batch", type=_positive("--batch"), default=1, help="sequences at once (default 1)")
+    b.add_argument("--no-graphs", action="store_true", help="decode eagerly, without a CUDA graph")
+    b.add_argument("--device", default=None, help="cuda | cuda:N (default: cuda)")
+    b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

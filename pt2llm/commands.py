@@ -247,3 +247,24 @@ def format_table(results: list[dict], sets: list[str], names: list[str]) -> str:
 
 def _fmt(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+
+def bench(args) -> int:
+    from . import speed
+
+    device = _device(args.device or "cuda")
+    if not device.startswith("cuda"):
+        raise ValueError(f"--device {device}: pt2llm bench times CUDA kernels and needs a CUDA device")
+    model, _, source = sources.load_any(args.model, progress=not args.no_progress, device=device)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and args.prompt_len + args.new_tokens > ctx:
+        raise ValueError(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} is longer than "
+                         f"the model's context ({ctx} tokens)")
+    r = speed.measure(model.eval(), args.prompt_len, args.new_tokens, args.batch, graphs=not args.no_graphs)
+    r = {"model": args.model, "quantized": bool(source.get("quantized")), **r}
+    print(f"{args.model} on {r['device']}: prefill {r['prefill_tokens_per_s']:.0f} tokens/s "
+          f"({args.batch} x {args.prompt_len} in {r['prefill_ms']:.1f} ms), decode {r['decode_tokens_per_s']:.1f} "
+          f"tokens/s ({r['decode_mode']}), model {r['model_gib']:.2f} GiB on the GPU, peak {r['peak_gib']:.2f} GiB")
+    if args.json:
+        dump_json(r, args.json)
+    return 0

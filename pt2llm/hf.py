@@ -7,7 +7,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import QUANT_METHOD, replace_linears
+from .checkpoint import QUANT_METHOD, replace_linears, upgrade_linears
 
 
 class PT2LLMConfig(QuantizationConfigMixin):
@@ -35,6 +35,7 @@ class PT2LLMHfQuantizer(HfQuantizer):
         replace_linears(model, qc)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        upgrade_linears(model)  # format-1 folders: codes repacked into format 2
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -1,7 +1,9 @@
 """TernaryLinear: a linear layer whose weight is stored packed, block by block.
 
 Buffers (all in the state dict, all safetensors-friendly):
-  packed  uint8 [out, ceil(in/5)] trits (or [out, ceil(in*bits/8)] for the uint-k baseline)
+  packed  uint8 [ceil(out/5), in]: 5 rows' trits a byte (format 2, pack.pack_trit_rows);
+          [out, ceil(in/5)] in format 1 until `upgrade_packing`; [out, ceil(in*bits/8)] for
+          the uint-k baseline
   alpha   fp16  [out, ceil(in/block)] per-row, per-block scale
   mu      fp16  [out, ceil(in/block)] per-row, per-block offset; weight = alpha*code + mu
   perm    int16 [in] (int32 when in >= 32768): stored column j is input column perm[j]
@@ -26,13 +28,19 @@ class TernaryLinear(nn.Module):
     """bits=None: ternary codes {-1, 0, 1}. bits=k: unsigned k-bit codes (GPTQ baseline)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 block_size: int = 128, bits: int | None = None, device=None):
+                 block_size: int = 128, bits: int | None = None, device=None, packing: int = 2):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.bits = block_size, bits
         nb = -(-in_features // block_size)
-        width = pack.packed_trit_width(in_features) if bits is None else pack.packed_bits_width(in_features, bits)
-        self.register_buffer("packed", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
+        self.packing = packing if bits is None else None
+        if bits is not None:
+            shape = (out_features, pack.packed_bits_width(in_features, bits))
+        elif packing == 1:  # a format-1 checkpoint's shape, until upgrade_packing()
+            shape = (out_features, pack.packed_trit_width(in_features))
+        else:
+            shape = (pack.packed_trit_width(out_features), in_features)
+        self.register_buffer("packed", torch.zeros(*shape, dtype=torch.uint8, device=device))
         self.register_buffer("alpha", torch.zeros(out_features, nb, dtype=torch.float16, device=device))
         self.register_buffer("mu", torch.zeros(out_features, nb, dtype=torch.float16, device=device))
         self.register_buffer("perm", torch.arange(in_features, device=device).to(perm_dtype(in_features)))
@@ -48,7 +56,7 @@ class TernaryLinear(nn.Module):
         n, m = result.codes.shape
         mod = cls(m, n, bias is not None, block_size=result.block_size, bits=bits, device="cpu")
         codes = result.codes.cpu()
-        mod.packed.copy_(pack.pack_trits(codes) if bits is None else pack.pack_bits(codes.to(torch.uint8), bits))
+        mod.packed.copy_(pack.pack_trit_rows(codes) if bits is None else pack.pack_bits(codes.to(torch.uint8), bits))
         mod.alpha.copy_(result.scale.cpu().to(torch.float16))
         mod.mu.copy_(result.offset.cpu().to(torch.float16))
         mod.perm.copy_(result.perm.cpu().to(mod.perm.dtype))
@@ -58,8 +66,10 @@ class TernaryLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Integer codes [out, in] in stored column order."""
-        if self.bits is None:
+        if self.bits is None and self.packing == 1:
             return pack.unpack_trits(self.packed, self.in_features)
+        if self.bits is None:
+            return pack.unpack_trit_rows(self.packed, self.out_features)
         return pack.unpack_bits(self.packed, self.in_features, self.bits)
 
     def weight_permuted(self, dtype=torch.float32) -> torch.Tensor:
@@ -75,9 +85,20 @@ class TernaryLinear(nn.Module):
         w[:, self.perm.long()] = wp
         return w
 
+    def upgrade_packing(self) -> None:
+        """Repack format-1 codes (5 trits a byte along a row) into format 2 (5 rows a byte)."""
+        if self.packing == 1:
+            codes = pack.unpack_trits(self.packed, self.in_features)
+            self.packed = pack.pack_trit_rows(codes).to(self.packed.device)
+            self.packing = 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:  # online Hadamard (rotated models): x Q, weight stored as W Q
             x = self.input_transform(x)
+        if x.is_cuda and self.packing == 2 and kernels.triton_supported(x, self.block_size):
+            from .kernels import triton_ternary
+            return triton_ternary.linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
+                                         self.out_features, self.block_size)
         return kernels.linear(x, self.weight_permuted(x.dtype), self.perm, self.bias)
 
     def storage_bytes(self) -> int:

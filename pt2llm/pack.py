@@ -1,6 +1,12 @@
 """Codes <-> bytes. Trits: 5 to a byte in base 3 (3^5 = 243 <= 256), digit i of byte b is
-the trit at position 5*b + i, stored as trit + 1. Unsigned k-bit codes: a little-endian
-bit stream. Both pack along the last dimension, any length, each row on its own.
+the trit at position 5*b + i, stored as trit + 1 (format 1, along the last dimension).
+Unsigned k-bit codes: a little-endian bit stream along the last dimension.
+
+Format 2 (`pack_trit_rows`): five ROWS to a byte, so that every stored column, and so every
+128-column block, starts on a byte: byte [g, k] holds the trits of rows 5g..5g+4 at column
+k, as q = ceil(256 v / 243) with v = sum_i (trit_i + 1) 3^(4-i). Digit i then comes back
+by multiplications alone, d_i = (3 * (q * 3^i mod 256)) >> 8, which a GPU does on two
+bytes at once in the 16-bit halves of a 32-bit word (see kernels/triton_ternary.py).
 """
 from __future__ import annotations
 
@@ -58,3 +64,32 @@ def unpack_bits(b: torch.Tensor, length: int, bits: int) -> torch.Tensor:
     stream = stream[..., : length * bits].reshape(*b.shape[:-1], length, bits)
     weights = (1 << torch.arange(bits, device=b.device, dtype=torch.int16))
     return (stream * weights).sum(dim=-1).to(torch.uint8)
+
+
+def _rows_lut() -> torch.Tensor:
+    """[256, 5] int8: the five trits a format-2 byte holds (every byte value decodes)."""
+    q = torch.arange(256, dtype=torch.int64)[:, None]
+    p = 3 ** torch.arange(5, dtype=torch.int64)[None, :]
+    return ((q * p % 256) * 3 // 256 - 1).to(torch.int8)
+
+
+_ROWS_LUT = _rows_lut()
+
+
+def pack_trit_rows(t: torch.Tensor) -> torch.Tensor:
+    """int tensor [N, K] in {-1, 0, 1} -> uint8 [ceil(N / 5), K] (format 2; missing rows are 0)."""
+    n, k = t.shape
+    g = packed_trit_width(n)
+    d = t.to(torch.int64) + 1
+    if g * TRITS_PER_BYTE > n:
+        d = torch.cat([d, d.new_ones(g * TRITS_PER_BYTE - n, k)])
+    p = 3 ** torch.arange(4, -1, -1, device=d.device, dtype=torch.int64)
+    v = (d.reshape(g, TRITS_PER_BYTE, k) * p[None, :, None]).sum(dim=1)
+    return ((v * 256 + 242) // 243).to(torch.uint8)
+
+
+def unpack_trit_rows(b: torch.Tensor, rows: int) -> torch.Tensor:
+    """uint8 [G, K] (format 2) -> int8 [rows, K] in {-1, 0, 1}."""
+    g, k = b.shape
+    t = _ROWS_LUT.to(b.device)[b.long()]  # [G, K, 5]
+    return t.permute(0, 2, 1).reshape(g * TRITS_PER_BYTE, k)[:rows]

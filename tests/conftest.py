@@ -3,6 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run through its interpreter (set before transformers imports triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from tinymodels import text, tokenizer

@@ -1,5 +1,27 @@
-"""Forward paths for packed linears. Only the reference path exists so far: unpack,
-dequantize per block, gather the activations by the stored column order, matmul."""
+"""Forward paths for packed linears: the reference path (unpack, dequantize per block,
+gather the activations by the stored column order, matmul), correct on any device, and the
+Triton kernels (`triton_ternary`) that TernaryLinear uses on CUDA."""
+from __future__ import annotations
+
+import functools
+
 from .reference import linear
 
-__all__ = ["linear"]
+__all__ = ["linear", "triton_supported"]
+
+
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        from . import triton_ternary  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_supported(x, block_size: int) -> bool:
+    """Whether the Triton kernels take this input (else the reference path runs)."""
+    if not _have_triton():
+        return False
+    from .triton_ternary import supported
+    return supported(x, block_size)

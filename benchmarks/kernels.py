@@ -1,0 +1,198 @@
+"""Ternary Triton kernels against torch.nn.functional.linear in fp16, on one CUDA GPU.
+
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --out docs/results    # kernels.json, kernels.md
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --sweep --out DIR     # tune first, then the same
+
+Times come from CUDA graphs, as in a model's decode loop: one graph calls the operation on
+enough copies of the weights (at least 256 MiB in all) that they come from device memory,
+not L2; its replays are timed with CUDA events, and the median over replays is divided by
+the number of copies. (Timing single calls from Python measures the CPU's launch time for
+these short kernels, not the GPU's.) The
+bandwidth share is the kernel's fewest bytes (packed codes, alpha, mu, column order,
+activations in, outputs out) over its time, divided by the bandwidth of a device-to-device
+copy measured in the same run (bytes read + written). Weights are random codes; the
+column order is a random permutation (as SSR gives).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from pt2llm import pack
+from pt2llm.kernels import triton_ternary as tt
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]  # out x in
+MS = [1, 16, 128, 2048]
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), median of runs."""
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def make_layer(n, k, gen):
+    codes = torch.randint(-1, 2, (n, k), device="cuda", generator=gen, dtype=torch.int8)
+    nb = -(-k // 128)
+    return dict(packed=pack.pack_trit_rows(codes),
+                alpha=(torch.rand(n, nb, device="cuda", generator=gen) * 0.02 + 0.005).half(),
+                mu=(torch.randn(n, nb, device="cuda", generator=gen) * 0.002).half(),
+                perm=torch.randperm(k, device="cuda", generator=gen).to(torch.int16 if k < 32768 else torch.int32),
+                bias=None, n_out=n, block_size=128)
+
+
+def ternary_bytes(L, m, k) -> int:
+    n = L["n_out"]
+    return (sum(L[t].numel() * L[t].element_size() for t in ("packed", "alpha", "mu", "perm"))
+            + 2 * m * k + 2 * m * n)
+
+
+def graph_us(fn, tensors: dict, reps: int = 15) -> float:
+    """Microseconds per call of fn(**copy) over copies of `tensors` in one CUDA graph."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+    copies = [tensors] + [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+                          for _ in range(min(200, -(-2**28 // nbytes)) - 1)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (compiles, allocator) outside the graph
+        for c in copies[:2]:
+            fn(**c)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in copies:
+            fn(**c)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(copies))
+    del g, copies
+    return statistics.median(times)
+
+
+def check(L, x, y) -> float:
+    w = tt.dequantize(L["packed"], L["alpha"], L["mu"], L["n_out"], 128, torch.float32)
+    ref = x.float()[:, L["perm"].long()] @ w.T
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def run(args):
+    dev = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    bw = copy_bandwidth()
+    print(f"{dev}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    L = make_layer(1000, 1408, gen)  # bf16 activations: a correctness check, not timed
+    for m in (1, 16, 200):
+        x = torch.randn(m, 1408, device="cuda", dtype=torch.bfloat16, generator=gen)
+        err = check(L, x, tt.linear(x, **L))
+        assert err < 1e-2, ("bf16", m, err)
+    rows = []
+    for n, k in SHAPES:
+        L = make_layer(n, k, gen)
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            fp16_us = graph_us(lambda w: F.linear(x, w), {"w": w16})
+            paths = {"fused": None, "prefill": None} if m <= 128 else {"prefill": None}  # fused: far slower there
+            for p in paths:
+                y = tt.linear(x, **L, path=p)
+                err = check(L, x, y)
+                assert err < 2e-3, (n, k, m, p, err)
+                paths[p] = graph_us(lambda **c: tt.linear(x, **c, path=p), L)
+            used = "fused" if m < tt.TUNING["prefill_from_m"] else "prefill"  # what linear() runs
+            t_us = paths[used]
+            share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
+            fp16_share = (2 * n * k + 2 * m * k + 2 * m * n) / (fp16_us * 1e-6) / bw
+            row = {"shape": f"{n}x{k}", "M": m, "fp16_us": round(fp16_us, 2), "ternary_us": round(t_us, 2),
+                   "speedup": round(fp16_us / t_us, 2), "bandwidth_share": round(share, 3),
+                   "fp16_bandwidth_share": round(fp16_share, 3), "path": used,
+                   "paths_us": {p: round(v, 2) for p, v in paths.items()}, "rel_error": float(f"{err:.2e}"),
+                   "device": dev, "date": date}
+            rows.append(row)
+            print(f"{n:>6}x{k:<6} M={m:<5} fp16 {fp16_us:9.1f} us  ternary {t_us:9.1f} us ({used})  "
+                  f"x{fp16_us / t_us:5.2f}  bw {share:5.1%}  " + " ".join(f"{p}={v:.1f}" for p, v in paths.items()),
+                  flush=True)
+        del L, w16
+    return rows, dev, date, bw
+
+
+def sweep(args) -> dict:
+    """Time the fused kernel's launch settings at M = 1 and 16 on three shapes; print the
+    best, set them in tt.TUNING (what the rest of the run uses) and return them."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(11008, 4096), (4096, 11008), (28672, 8192)]
+    grid = [dict(block_g=bg, warps=nw, stages=ns, programs=tp)
+            for bg, nw, ns, tp in [(64, 4, 1, 264), (64, 4, 1, 528), (64, 4, 2, 264), (128, 8, 1, 264),
+                                   (128, 8, 1, 132), (32, 4, 2, 264)]]
+    scores = [[] for _ in grid]
+    for n, k in shapes:
+        L = make_layer(n, k, gen)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            for i, cfg in enumerate(grid):
+                scores[i].append(graph_us(lambda **c: tt.matmul(x, c["packed"], c["alpha"], c["mu"], c["perm"], None,
+                                                                 n, 128, **cfg), L, reps=5))
+        del L
+    ranked = sorted(range(len(grid)), key=lambda i: statistics.geometric_mean(scores[i]))
+    for i in ranked:
+        print("sweep", grid[i], "us at (shape, M = 1, 16):", [round(v, 1) for v in scores[i]], flush=True)
+    tt.TUNING["fused"] = grid[ranked[0]]
+    print("TUNING =", tt.TUNING, flush=True)
+    return tt.TUNING
+
+
+def write(rows, dev, date, bw, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.json").write_text(json.dumps(tt.TUNING) + "\n")  # benchmarks/e2e.py --tuning reads it
+    keep = ("shape", "M", "fp16_us", "ternary_us", "speedup", "bandwidth_share", "device", "date")
+    (out / "kernels.json").write_text(json.dumps([{k: r[k] for k in keep} | {k: v for k, v in r.items() if k not in keep}
+                                                  for r in rows], indent=1) + "\n")
+    lines = ["# Ternary kernels vs fp16 `F.linear`", "",
+             f"{dev}, {date}. Device-to-device copy: {bw / 1e12:.2f} TB/s (read + write). "
+             f"Regenerate: `PYTHONPATH=$PWD python3 benchmarks/kernels.py --out docs/results`.", "",
+             "Shapes are out x in; speedup = fp16 time / ternary time; bandwidth share = the ternary "
+             "kernel's fewest bytes over its time, as a share of the copy's bandwidth. Times per call "
+             "from CUDA-graph replays over copies of the weights (256 MiB or more in all: weights come from "
+             "device memory; no launch gaps), median of replays. M <= 16: the fused Triton kernel; larger M: "
+             "dequantize + cuBLAS (both paths' times given). Launch settings: "
+             f"`{json.dumps(tt.TUNING)}`.", "",
+             "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | fused µs | dequant+cuBLAS µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["paths_us"]
+        lines.append(f"| {r['shape']} | {r['M']} | {r['fp16_us']:.1f} | {r['ternary_us']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['bandwidth_share']:.0%} | {r['path']} | {p.get('fused', '')} | {p.get('prefill', '')} |")
+    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="folder for kernels.json and kernels.md")
+    ap.add_argument("--sweep", action="store_true", help="first time the kernels' variants and settings, "
+                    "and use the best")
+    args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+    rows, dev, date, bw = run(args)
+    if args.out:
+        write(rows, dev, date, bw, args.out)
+
+
+if __name__ == "__main__":
+    main()

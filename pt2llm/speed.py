@@ -1,0 +1,141 @@
+"""Prefill and decode speed of a causal LM on one CUDA GPU (what `pt2llm bench` reports).
+
+Prefill: one forward pass over `batch` prompts of `prompt_len` random tokens (logits of the
+last position only), timed with CUDA events, median of a few. Decode: greedy, one token
+at a time into a static KV cache (transformers' StaticCache), the whole step (forward,
+argmax, advancing position and mask) captured once as a CUDA graph and replayed, so the
+GPU is not left waiting on Python; `graphs=False` runs the same step eagerly.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors once)."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        n += t.numel() * t.element_size()
+    return n
+
+
+def _events_ms(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
+class Decoder:
+    """A one-token greedy decode step on a static cache, as a CUDA graph (or eager)."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        from transformers import StaticCache
+
+        dev = next(model.parameters()).device
+        self.model, self.max_len = model, max_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=dev)  # True: attend
+        self.graph = None
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Fill the cache with the prompt (eager) and set up the first decode step."""
+        self.cache.reset()
+        n = prompt.shape[1]
+        pos = torch.arange(n, device=prompt.device)
+        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
+                         position_ids=pos[None].expand(prompt.shape[0], -1), use_cache=True, logits_to_keep=1)
+        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self.pos.fill_(n)
+        self.mask.zero_()
+        self.mask[..., :n] = True
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        self.mask.index_fill_(-1, self.pos, True)
+        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+                         position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
+                         use_cache=True)
+        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+    def capture(self) -> None:
+        """Record one step as a CUDA graph (after warm-up steps on a side stream)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation [batch, new_tokens] (the tokens the timed loop produces)."""
+        self.prefill(prompt)
+        out = [self.ids.clone()]
+        for _ in range(new_tokens - 1):
+            self.step()
+            out.append(self.ids.clone())
+        return torch.cat(out, dim=1)
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+
+def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1, graphs: bool = True,
+            seed: int = 0) -> dict:
+    """Prefill and decode tokens/s and memory of `model` (on a CUDA device, in eval mode)."""
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator(device=dev).manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), device=dev, generator=g)
+    weights = model_bytes(model)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+    with torch.no_grad():
+        fwd = lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1)  # noqa: E731
+        _events_ms(fwd, 2)  # warm-up: kernels compiled, allocator primed
+        prefill_ms = statistics.median(_events_ms(fwd, 5))
+
+    dec = Decoder(model, batch, prompt_len + new_tokens + 4)
+    dec.prefill(prompt)
+    how = "eager"
+    if graphs:
+        try:
+            dec.capture()
+            how = "cuda-graph"
+        except RuntimeError as e:  # a model whose forward cannot be captured: say so, time it eagerly
+            how = f"eager (graph capture failed: {str(e).splitlines()[0][:120]})"
+            dec.graph = None
+    times = []
+    for _ in range(3):
+        dec.prefill(prompt)  # each run starts after the same prompt (outside the timed region)
+        torch.cuda.synchronize()
+        times += _events_ms(lambda: [dec.step() for _ in range(new_tokens)], 1)
+    decode_ms = statistics.median(times)
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "prefill_ms": round(prefill_ms, 3), "prefill_tokens_per_s": round(batch * prompt_len / prefill_ms * 1e3, 1),
+            "decode_ms_per_token": round(decode_ms / new_tokens, 4),
+            "decode_tokens_per_s": round(batch * new_tokens / decode_ms * 1e3, 1), "decode_mode": how,
+            "model_gib": round(weights / 2**30, 3), "model_gb": round(weights / 1e9, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3),
+            "device": torch.cuda.get_device_name(dev)}
