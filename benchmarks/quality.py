@@ -174,6 +174,16 @@ def _ppl(x) -> str:
     return "inf" if x == float("inf") else (f"{x:.2f}" if x < 1000 else f"{x:.3g}")
 
 
+def command(args) -> str:
+    """The command that regenerates this table (without the bookkeeping options)."""
+    cmd = f"python benchmarks/quality.py --model {args.model} --device {args.device} --jobs {args.jobs}"
+    if args.nsamples != 128 or args.seqlen != 2048:
+        cmd += f" --nsamples {args.nsamples} --seqlen {args.seqlen}"
+    if args.limit:
+        cmd += f" --limit {args.limit}"
+    return cmd
+
+
 def markdown(rows: list[dict], args) -> str:
     from pt2llm.eval.tasks import MEAN_METRIC, PAPER_TASKS
 
@@ -181,6 +191,8 @@ def markdown(rows: list[dict], args) -> str:
              "winogrande": "Wino.", "boolq": "BoolQ", "openbookqa": "OBQA"}
     r0 = rows[0]
     docs = ", ".join(f"{t} {r0['tasks'][t]['n']}" for t in PAPER_TASKS)
+    calib = ", ".join(sorted({r["calibration"] for r in rows if r.get("calibration", "").startswith("c4")})) or "-"
+    jobs = "-".join(str(j) for j in sorted({r["jobs"] for r in rows}))
     head = ["method", "bits/w", "Wiki2", "C4"] + [short[t] for t in PAPER_TASKS] + ["mean", "quant. s"]
     lines = [f"# Quality: {args.model}", "",
              f"Device {r0['device']}, {r0['date']}. Perplexity: GPTQ protocol, seqlen 2048, all windows "
@@ -188,8 +200,9 @@ def markdown(rows: list[dict], args) -> str:
              f"local task files, {docs} documents; "
              f"accuracy in %, {', '.join(sorted({MEAN_METRIC[t] for t in PAPER_TASKS}))} as listed in "
              f"docs/results/README.md (acc_norm where lm-eval reports it, else acc); the mean is over the seven. "
-             f"Calibration for the data-driven rows: {next((r['calibration'] for r in rows if r['kind'] == 'pt2llm'), '-')}. "
-             f"Quantization seconds measured with {r0['jobs']} rows sharing the device.", "",
+             f"Calibration for the data-driven rows: {calib}. Quantization seconds measured with "
+             f"{jobs} rows sharing the device (one H100 at once): compare rows with each other, not with "
+             f"quant-time.md.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r["tasks"]
@@ -197,7 +210,10 @@ def markdown(rows: list[dict], args) -> str:
         cells += [f"{100 * t[k][MEAN_METRIC[k]]:.1f}" for k in PAPER_TASKS]
         cells += [f"{100 * t['mean']['value']:.2f}", f"{r['quant_seconds']:.0f}" if "quant_seconds" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Regenerate: `python benchmarks/quality.py " + " ".join(sys.argv[1:]) + "`", ""]
+    missing = [n for n in ROWS if n not in {r["row"] for r in rows}]
+    if missing:
+        lines += ["", f"Not measured in this table: {', '.join(missing)}."]
+    lines += ["", "Regenerate: `" + command(args) + "`", ""]
     return "\n".join(lines)
 
 
