@@ -34,8 +34,9 @@ TASKS = {
                      "'Question: {goal}\\nAnswer:' and choices [sol1, sol2]"),
     "arc_easy": TaskSpec("arc_easy/arc_easy.jsonl", "json", ("acc", "acc_norm"),
                          "llm-foundry's preprocessed test split (query 'Question: {stem}', 4 choices, gold index); "
-                         "prompt rebuilt as lm-eval's 'Question: {question}\\nAnswer:'; the rows with 3 or 5 "
-                         "choices in the original have exactly 4 here"),
+                         "prompt rebuilt as lm-eval's 'Question: {question}\\nAnswer:'; every row here has exactly "
+                         "4 choices (the original ARC has a few rows with 3 or 5; how llm-foundry treated them "
+                         "is not documented)"),
     "arc_challenge": TaskSpec("arc_challenge/arc_challenge.jsonl", "json", ("acc", "acc_norm"),
                               "as arc_easy"),
     "hellaswag": TaskSpec("hellaswag/hellaswag_val_full.txt.bz2", "text", ("acc", "acc_norm"),
