@@ -33,6 +33,7 @@ from .nn import TernaryLinear
 from .rotate import online
 
 FORMAT_VERSION = 2  # 2: ternary codes packed 5 rows a byte (pack.pack_trit_rows); 1: 5 columns a byte
+# (2 also brings rotated models: config key pt2llm_rotation, online-transform signs; rotate/online.py)
 QUANT_METHOD = "pt2llm"
 
 
