@@ -4,7 +4,7 @@ import signal
 import subprocess
 import sys
 
-from tinymodels import sha256
+from tinymodels import quantize_killed_after_first_layer, sha256
 
 from pt2llm import cli
 
@@ -15,10 +15,7 @@ def test_killed_run_resumes_to_a_byte_identical_model(tiny, tmp_path, capsys):
             "--seqlen", "64", "--device", "cpu", "--no-progress"]
     assert cli.main([*args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0"}
-    p = subprocess.run([sys.executable, "-m", "pt2llm", *args, "--out", str(out)], env=env,
-                       capture_output=True, text=True)
-    assert p.returncode == -signal.SIGKILL, p.stderr
+    quantize_killed_after_first_layer(args, out)
     work = tmp_path / ".out.work"
     assert not out.exists()
     assert sorted(f.name for f in work.iterdir()) == ["layer-00000.safetensors", "run.json"]

@@ -1,7 +1,11 @@
 """Tiny random Llama / Qwen2 models (hidden size 200: not a multiple of 128) with a BPE
 tokenizer trained here, for tests that must not download anything."""
 import hashlib
+import os
 import random
+import signal
+import subprocess
+import sys
 
 from transformers import PreTrainedTokenizerFast
 
@@ -37,3 +41,12 @@ def sha256(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+
+
+def quantize_killed_after_first_layer(args, out):
+    """Run `pt2llm ARGS --out OUT` in a child process that SIGKILLs itself once its first
+    layer is persisted (the driver's fault injection)."""
+    env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0"}
+    p = subprocess.run([sys.executable, "-m", "pt2llm", *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
