@@ -6,7 +6,8 @@ For every row: quantize (in-project methods through `pt2llm quantize`, peers thr
 own packages), then WikiText-2 and C4 perplexity (GPTQ protocol, seqlen 2048) and the seven
 zero-shot tasks (lm-eval on the local files). Rows run as separate processes, `--jobs` at a
 time on the one device; each finished row is written to WORK/ROW.json at once, so a rerun
-skips what is done (--redo to force). At the end (or with --report-only) the rows are
+skips what is done, and rows already in RESULTS/quality-MODEL.json count as done too
+(--redo to measure them again). At the end (or with --report-only) the rows are
 gathered into RESULTS/quality-MODEL.{json,md,png}.
 
 Rows (--rows picks a subset by name; `--list` prints them):
@@ -161,6 +162,17 @@ def launch(name: str, args, work: Path) -> tuple[str, bool, float]:
     return name, rc == 0, time.perf_counter() - t0
 
 
+def seed_from_results(path: Path, work: Path, redo: bool) -> None:
+    """Rows already in the committed results file count as done (unless --redo), so a run
+    cut short (or a later session) only measures what is missing."""
+    if redo or not path.is_file():
+        return
+    for row in json.loads(path.read_text()).get("rows", []):
+        f = work / f"{row['row']}.json"
+        if not f.exists():
+            f.write_text(json.dumps(row, indent=2) + "\n")
+
+
 def gather(names: list[str], work: Path) -> list[dict]:
     rows = []
     for n in names:
@@ -269,6 +281,8 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(row, indent=2) + "\n")
         os.replace(tmp, work / f"{args.one}.json")
         return 0
+    res = Path(args.results)
+    seed_from_results(res / f"quality-{tag}.json", work, args.redo)
     if not args.report_only:
         todo = [n for n in names if args.redo or not (work / f"{n}.json").is_file()]
         print(f"{len(todo)} rows to run ({len(names) - len(todo)} done) in {work}, {args.jobs} at a time", flush=True)
@@ -280,7 +294,6 @@ def main(argv=None) -> int:
     if not rows:
         print("no row results yet")
         return 1
-    res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / f"quality-{tag}.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
     (res / f"quality-{tag}.md").write_text(markdown(rows, args))
