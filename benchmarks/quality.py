@@ -85,23 +85,11 @@ def model_tag(model: str) -> str:
 
 # --- one row, in its own process -------------------------------------------------------------
 
-def evaluate(model, tok, args) -> dict:
-    from pt2llm.eval import tasks
-    from pt2llm.eval.perplexity import perplexity
-
-    out = {}
-    for s in PPL_SETS:
-        out[s] = perplexity(model, tok, s, seqlen=2048, limit_windows=args.limit_windows,
-                            device=args.device, progress=False)
-    out["tasks"] = tasks.evaluate(model, tok, list(tasks.PAPER_TASKS), limit=args.limit,
-                                  batch_size=args.batch_size, device=args.device, progress=False)
-    return out
-
-
 def run_row(name: str, args, work: Path) -> dict:
     import torch
 
     from pt2llm import commands, peers
+    from pt2llm.eval import evaluate, tasks
     from pt2llm.model import sources
 
     label, kind, qargs = ROWS[name]
@@ -115,11 +103,12 @@ def run_row(name: str, args, work: Path) -> dict:
         if not ((qdir / "model.safetensors").is_file() and (work / f"{name}.quant.json").is_file()):
             subprocess.run(cmd, check=True)  # else: a finished folder from an interrupted row is reused
         rep = json.loads((work / f"{name}.quant.json").read_text())
-        row["quant_seconds"] = rep.get("wall_seconds", time.perf_counter() - t0)
+        row["quant_seconds"] = rep["wall_seconds"]
         row["bits_per_weight"] = commands.inspect_dir(qdir)["bits_per_weight"]
         model, tok, _ = sources.load_any(str(qdir), device=args.device, progress=False)
-        data_free = qargs[:2] == ["--method", "rtn"]
-        row["calibration"] = "none (data-free)" if data_free else f"c4 {args.nsamples} x {args.seqlen}"
+        calib = rep["config"]["calibration"]  # None for the data-free methods
+        row["calibration"] = (f"{calib['source']} {calib['nsamples']} x {calib['seqlen']}" if calib
+                              else "none (data-free)")
     else:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         model, tok, _ = sources.load_any(args.model, dtype=dtype, device=args.device, progress=False)
@@ -133,13 +122,14 @@ def run_row(name: str, args, work: Path) -> dict:
             row["quant_seconds"] = time.perf_counter() - t0
             row["calibration"] = "none (data-free)"
     t1 = time.perf_counter()
-    row.update(evaluate(model, tok, args))
+    row.update(evaluate(model, tok, PPL_SETS, tasks.PAPER_TASKS, seqlen=2048, limit_windows=args.limit_windows,
+                        limit=args.limit, batch_size=args.batch_size, device=args.device, progress=False))
     row["eval_seconds"] = time.perf_counter() - t1
     row["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     row["date"] = dt.date.today().isoformat()
     row["jobs"] = args.jobs
     if kind == "pt2llm":
-        shutil.rmtree(work / f"{name}.model", ignore_errors=True)
+        shutil.rmtree(qdir, ignore_errors=True)
     return row
 
 
@@ -213,7 +203,7 @@ def markdown(rows: list[dict], args) -> str:
              f"accuracy in %, {', '.join(sorted({MEAN_METRIC[t] for t in PAPER_TASKS}))} as listed in "
              f"docs/results/README.md (acc_norm where lm-eval reports it, else acc); the mean is over the seven. "
              f"Calibration for the data-driven rows: {calib}. Quantization seconds measured with "
-             f"{jobs} rows sharing the device (one H100 at once): compare rows with each other, not with "
+             f"{jobs} rows sharing the device: compare rows with each other, not with "
              f"quant-time.md.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -41,6 +41,12 @@ def _peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def _check_context(model, tokens: int, what: str, whose: str) -> None:
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and tokens > ctx:
+        raise ValueError(f"{what} is longer than {whose} context ({ctx} tokens)")
+
+
 def quantize(args) -> int:
     device = _device(args.device)
     cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
@@ -56,9 +62,7 @@ def quantize(args) -> int:
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model, tok, source, layer_loader = sources.load_for_quantization(
         args.model, dtype, progress=not args.no_progress, stream=args.calib != "synthetic")
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and args.seqlen > ctx:
-        raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({ctx} tokens)")
+    _check_context(model, args.seqlen, f"--seqlen {args.seqlen}", "the model's")
     calib = torch.empty(0, 0, dtype=torch.long)
     if use_data:
         calib = data.calibration_windows(args.calib, tok, args.nsamples, args.seqlen, args.seed,
@@ -188,8 +192,8 @@ def inspect(args) -> int:
 
 
 def eval(args) -> int:  # noqa: A001 (the command's name)
+    from .eval import evaluate
     from .eval import tasks as zero_shot
-    from .eval.perplexity import perplexity
 
     device = _device(args.device)
     ppl = args.ppl if args.ppl is not None else ("none" if args.tasks else "wikitext2,c4")
@@ -203,16 +207,12 @@ def eval(args) -> int:  # noqa: A001 (the command's name)
     results = []
     for spec in args.models:
         model, tok, source = sources.load_any(spec, progress=not args.no_progress, device=device)
-        ctx = getattr(model.config, "max_position_embeddings", None)
-        if sets and ctx is not None and args.seqlen > ctx:
-            raise ValueError(f"--seqlen {args.seqlen} is longer than {spec}'s context ({ctx} tokens)")
+        if sets:
+            _check_context(model, args.seqlen, f"--seqlen {args.seqlen}", spec + "'s")
         row = {"model": spec, "quantized": bool(source.get("quantized")), "device": device}
-        for s in sets:
-            row[s] = perplexity(model, tok, s, seqlen=args.seqlen, limit_windows=args.limit_windows,
-                                device=device, progress=not args.no_progress)
-        if names:
-            row["tasks"] = zero_shot.evaluate(model, tok, names, limit=args.limit, batch_size=args.batch_size,
-                                              device=device, progress=not args.no_progress)
+        row.update(evaluate(model, tok, sets, names, seqlen=args.seqlen, limit_windows=args.limit_windows,
+                            limit=args.limit, batch_size=args.batch_size, device=device,
+                            progress=not args.no_progress))
         results.append(row)
         del model
     print(format_table(results, sets, names))
@@ -256,10 +256,8 @@ def bench(args) -> int:
     if not device.startswith("cuda"):
         raise ValueError(f"--device {device}: pt2llm bench times CUDA kernels and needs a CUDA device")
     model, _, source = sources.load_any(args.model, progress=not args.no_progress, device=device)
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and args.prompt_len + args.new_tokens > ctx:
-        raise ValueError(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} is longer than "
-                         f"the model's context ({ctx} tokens)")
+    _check_context(model, args.prompt_len + args.new_tokens,
+                   f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens}", "the model's")
     r = speed.measure(model.eval(), args.prompt_len, args.new_tokens, args.batch, graphs=not args.no_graphs)
     r = {"model": args.model, "quantized": bool(source.get("quantized")), **r}
     print(f"{args.model} on {r['device']}: prefill {r['prefill_tokens_per_s']:.0f} tokens/s "

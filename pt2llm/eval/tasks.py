@@ -101,7 +101,7 @@ def _boolq_text(doc):
 
 def _hellaswag_docs(lines):
     """Six lines a task: context, gold label, four endings."""
-    lines = [ln for ln in lines]
+    lines = list(lines)
     while lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
