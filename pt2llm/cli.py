@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random orders (default 0)")
     q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
     q.add_argument("--device", default=None, help="compute device: cpu | cuda | cuda:N (default: cuda if available)")
+    q.add_argument("--devices", default=None, metavar="LIST",
+                   help="spread the work over several GPUs, one process each, e.g. cuda:0,cuda:1 (cpu,cpu for "
+                        "testing); byte-identical to one device of the same type. Under torchrun each process "
+                        "takes cuda:LOCAL_RANK (or its entry of this list)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.add_argument("--report", metavar="FILE", help="write wall time, per-stage seconds and peak memory as JSON")
 

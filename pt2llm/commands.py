@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data
-from .model import driver, sources
+from .model import distributed, driver, sources
 
 
 def _device(arg: str | None) -> str:
@@ -48,7 +48,37 @@ def _check_context(model, tokens: int, what: str, whose: str) -> None:
 
 
 def quantize(args) -> int:
-    device = _device(args.device)
+    """One device, or several (`--devices`, or torchrun's environment): see model/distributed.py."""
+    spec = getattr(args, "devices", None)
+    if spec is not None and args.device is not None:
+        raise ValueError("give --device or --devices, not both")
+    devices = distributed.parse_devices(spec) if spec is not None else None
+    env = distributed.torchrun_env()
+    if env is not None and env.world > 1:  # started by torchrun: this process is one rank
+        device = distributed.torchrun_device(env, devices, args.device)
+        distributed.quiet_unless_main(env.rank)
+        with distributed.torchrun_group(env, device) as dist:
+            return _quantize(args, device, dist)
+    if devices is not None and len(devices) > 1:
+        # what fails the same way on every rank fails here, once, before the processes start
+        driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size, reorder=args.reorder,
+                           rotate=args.rotate)
+        checkpoint.check_writable(Path(args.out), args.overwrite)
+        if args.model in sources.ALIASES:  # fetched once, not by every rank at the same time
+            sources.fetch_alias(args.model, progress=not args.no_progress)
+        return distributed.launch(devices, _quantize_rank, args, is_user_error=is_user_error,
+                                  debug=getattr(args, "debug", False))
+    return _quantize(args, devices[0] if devices else _device(args.device), None)
+
+
+def _quantize_rank(args, dist) -> int:
+    """One rank of `quantize --devices` (a process spawned by distributed.launch)."""
+    return _quantize(args, dist.device, dist)
+
+
+def _quantize(args, device: str, dist) -> int:
+    main = dist is None or dist.is_main  # only rank 0 writes and prints
+    progress = not args.no_progress and main
     cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                              max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
@@ -58,15 +88,17 @@ def quantize(args) -> int:
     t0 = time.perf_counter()
     use_data = cfg.method != "rtn"
     # find the calibration text before spending minutes on loading the model
-    text = data.calibration_text(args.calib) if use_data and args.calib != "synthetic" else None
+    text = data.calibration_text(args.calib) if use_data and args.calib != "synthetic" and main else None
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model, tok, source, layer_loader = sources.load_for_quantization(
-        args.model, dtype, progress=not args.no_progress, stream=args.calib != "synthetic")
+        args.model, dtype, progress=progress, stream=args.calib != "synthetic")
     _check_context(model, args.seqlen, f"--seqlen {args.seqlen}", "the model's")
     calib = torch.empty(0, 0, dtype=torch.long)
-    if use_data:
+    if use_data and main:
         calib = data.calibration_windows(args.calib, tok, args.nsamples, args.seqlen, args.seed,
                                          model=model, device=device, text=text)
+    if dist is not None:  # rank 0's windows, so every rank sees the very same tokens
+        calib = dist.broadcast_object(calib)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     stats = driver.DriverStats()
@@ -74,35 +106,47 @@ def quantize(args) -> int:
                                                   "seqlen": args.seqlen, "seed": args.seed}
     manifest = {"model": args.model, "config": cfg.to_dict(), "calibration": calib_info,
                 "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(), "device": device}
-    work = checkpoint.WorkDir(out, manifest, resume=args.resume, overwrite=args.overwrite)
+    if main:
+        work = checkpoint.WorkDir(out, manifest, resume=args.resume, overwrite=args.overwrite)
+    else:  # reads the layers rank 0 says are finished (--resume), writes nothing
+        work = distributed.WorkReader(out)
     try:
-        modules = driver.quantize_model(model, calib, cfg, device=device, progress=not args.no_progress,
-                                        stats=stats, work=work, layer_loader=layer_loader)
+        modules = driver.quantize_model(model, calib, cfg, device=device, progress=progress,
+                                        stats=stats, work=work, layer_loader=layer_loader, dist=dist)
     except KeyboardInterrupt:
-        print(f"pt2llm: interrupted; {work.finished()} finished layers are kept in {work.path}: "
-              f"rerun the same command with --resume to continue", file=sys.stderr)
+        if main:
+            print(f"pt2llm: interrupted; {work.finished()} finished layers are kept in {work.path}: "
+                  f"rerun the same command with --resume to continue", file=sys.stderr)
         raise SystemExit(130) from None
     except BaseException:
-        if work.finished() == 0:
+        if main and work.finished() == 0:
             work.remove()
         raise
+    if not main:
+        return 0
     qc = {**cfg.to_dict(), "calibration": calib_info, "source_model": source, "modules": modules}
     checkpoint.save(model, tok, out, qc, overwrite=args.overwrite, work=work)
     work.remove()
     wall = time.perf_counter() - t0
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     gpu = f", peak GPU {peak_gpu:.2f} GiB" if peak_gpu is not None else ""
-    print(f"quantized {len(modules)} linears ({cfg.method}) in {wall:.1f} s on {device}: "
+    where = device if dist is None else f"{dist.world} devices ({', '.join(dist.devices)})"
+    print(f"quantized {len(modules)} linears ({cfg.method}) in {wall:.1f} s on {where}: "
           f"peak host {_peak_host_gib():.2f} GiB{gpu}; saved {out}", file=sys.stderr)
     for name, damp, rebuilt in stats.damping_raised:
         print(f"  note: {name}: damping raised to {damp:g}, inverse rebuilt {rebuilt}x", file=sys.stderr)
     if args.report:
-        dump_json({"model": args.model, "out": str(out), "device": device,
-                   "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                   "wall_seconds": round(wall, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
-                   "peak_host_gib": round(_peak_host_gib(), 3),
-                   "peak_gpu_gib": None if peak_gpu is None else round(peak_gpu, 3),
-                   "config": qc, "per_layer": stats.layers}, args.report)
+        rep = {"model": args.model, "out": str(out), "device": device,
+               "devices": [device] if dist is None else dist.devices,
+               "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+               "wall_seconds": round(wall, 2), "stage_seconds": {k: round(v, 2) for k, v in stats.seconds.items()},
+               "peak_host_gib": round(_peak_host_gib(), 3),
+               "peak_gpu_gib": None if peak_gpu is None else round(peak_gpu, 3),
+               "config": qc, "per_layer": stats.layers}
+        if dist is not None:  # who quantized what (rank 0's peak memory and host figures above)
+            rep["ranks"] = stats.ranks
+            rep["owners"] = stats.owners
+        dump_json(rep, args.report)
     return 0
 
 

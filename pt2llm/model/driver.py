@@ -85,6 +85,8 @@ class DriverStats:
     seconds: dict = field(default_factory=lambda: {"capture": 0.0, "forward": 0.0, "quantize": 0.0})
     layers: list = field(default_factory=list)   # per layer: name, seconds
     damping_raised: list = field(default_factory=list)
+    owners: dict = field(default_factory=dict)   # several devices: linear's dotted name -> rank
+    ranks: list = field(default_factory=list)    # several devices: per rank, device and its own seconds
 
 
 def find_decoder_layers(model: nn.Module):
@@ -194,7 +196,7 @@ def linear_groups(layer: nn.Module, x, args, kwargs) -> list[list[str]]:
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, device="cpu",
                    progress: bool = True, stats: DriverStats | None = None, work=None,
-                   layer_loader=None) -> list[str]:
+                   layer_loader=None, dist=None) -> list[str]:
     """Quantize every decoder linear of `model` in place; returns the dotted names of the
     replaced modules. calib: LongTensor [nsamples, seqlen].
 
@@ -209,6 +211,11 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     config.rotate == "hadamard": the float model is rotated first (`rotate.fold`: embeddings,
     final norm and lm_head at once, each decoder layer on the device when its turn comes), so
     the Hessians are those of the rotated activations; down_proj keeps its online transform.
+
+    dist: a `distributed.Dist` (one process per device, each calling this with its own
+    device): every rank runs every forward pass; the linears of each sub-layer group are
+    shared out and their results broadcast; only rank 0 writes to `work` (the others pass a
+    `distributed.WorkReader`). None: one device.
     """
     from tqdm.auto import tqdm
 
@@ -230,6 +237,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
 
     replaced = []
     done = work.finished() if work is not None else 0
+    if dist is not None:
+        done = dist.broadcast_object(done)  # rank 0's work folder is the one that counts
+        stats.seconds["share"] = 0.0
+    writes = work is not None and (dist is None or dist.is_main)
     if work is not None:
         work.layers_name = layers_name
     bar = tqdm(range(len(layers)), desc=f"quantize ({config.method})", unit="layer", disable=not progress)
@@ -246,7 +257,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
             names = work.load_layer(i, layer, config)
         else:
             names = _quantize_layer(layer, quantizer, config, inps if use_data else None,
-                                    (args, kwargs) if use_data else None, stats, f"{layers_name}.{i}", bar)
+                                    (args, kwargs) if use_data else None, stats, f"{layers_name}.{i}", bar, dist)
             _round_to_fp16(layer)
         if use_data:
             t = time.perf_counter()
@@ -254,7 +265,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
                 inps[j] = _first(layer(x, *args, **kwargs))
             stats.seconds["forward"] += time.perf_counter() - t
         layers[i] = layer.to("cpu")
-        if work is not None and i >= done:
+        if writes and i >= done:
             with stage("persist_layer"):
                 work.save_layer(i, layers[i])
             _inject_fault(i)
@@ -263,6 +274,11 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         replaced += [f"{layers_name}.{i}.{n}" for n in names]
         stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3), "resumed": i < done})
     _round_to_fp16(model)
+    if dist is not None:
+        mine = sum(1 for r in stats.owners.values() if r == dist.rank)
+        stats.ranks = dist.all_gather_object({"device": dist.device, "linears": mine,
+                                              "quantize_seconds": round(stats.seconds["quantize"], 3),
+                                              "share_seconds": round(stats.seconds["share"], 3)})
     return replaced
 
 
@@ -275,9 +291,10 @@ def _inject_fault(i: int) -> None:
         os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
-def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -> list[str]:
+def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, dist=None) -> list[str]:
     """Quantize one layer's linears group by group (true-sequential) and swap them for
-    TernaryLinear modules on the layer's device. Returns their names within the layer."""
+    TernaryLinear modules on the layer's device. Returns their names within the layer.
+    With `dist`, this rank quantizes its share of each group and receives the rest."""
     device = next(layer.parameters()).device
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     if inps is not None:
@@ -285,8 +302,8 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -
         t = time.perf_counter()
         groups = linear_groups(layer, inps[0], args, kwargs)
         stats.seconds["forward"] += time.perf_counter() - t
-    else:
-        groups = [[n] for n in linears]
+    else:  # no data: nothing ties the linears together (one group when shared out over devices)
+        groups = [[n] for n in linears] if dist is None else [list(linears)]
     results = {}
     for group in groups:
         H = None
@@ -295,16 +312,28 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar) -
             H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
             stats.seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
+        owners = None if dist is None else dist.assign(group, linears)
+        got = {}
         for n in group:
-            lin = linears[n]
+            if owners is not None and owners[n] != dist.rank:
+                continue
             bar.set_postfix_str(n)
-            r = ternary.quantize_weight(lin.weight, H, quantizer, block_size=config.block_size,
-                                        reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
+            got[n] = ternary.quantize_weight(linears[n].weight, H, quantizer, block_size=config.block_size,
+                                             reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
+        shared = 0.0
+        if dist is not None:
+            t_share = time.perf_counter()
+            got = dist.share(group, owners, got)  # every result on every rank, bytes as computed
+            shared = time.perf_counter() - t_share
+            stats.seconds["share"] += shared
+            stats.owners.update({f"{prefix}.{n}": r for n, r in owners.items()})
+        for n in group:  # the group's linears share H and nothing else: finishing them after is the same
+            lin, r = linears[n], got[n]
             if r.damp > config.percdamp or r.recomputed:
                 stats.damping_raised.append((f"{prefix}.{n}", r.damp, r.recomputed))
             lin.weight.copy_(r.dequantize().to(lin.weight.dtype))  # later groups see it quantized
             results[n] = r
-        stats.seconds["quantize"] += time.perf_counter() - t
+        stats.seconds["quantize"] += time.perf_counter() - t - shared
     for n, r in results.items():
         with stage("packing"):
             q = TernaryLinear.from_result(r, linears[n].bias, bits=config.code_bits).to(device)
