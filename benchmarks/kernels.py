@@ -27,6 +27,8 @@ from triton.testing import do_bench
 
 from pt2llm import pack
 from pt2llm.kernels import triton_ternary as tt
+from pt2llm.rotate import hadamard
+from pt2llm.rotate.online import hadamard_input
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]  # out x in
 MS = [1, 16, 128, 2048]
@@ -132,6 +134,42 @@ def run(args):
     return rows, dev, date, bw
 
 
+LAYERS = {"7B": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)],     # q k v o, gate up, down
+          "70B": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192)] + [(28672, 8192)] * 2 + [(8192, 28672)]}
+
+
+def online(gen, ms=(1, 16)) -> list[dict]:
+    """Decode cost of the online Hadamard transform that a rotated model runs on down_proj's
+    input, against the same layer unrotated: per decoder layer (its seven linears, GQA-shaped
+    for 70B) at M = 1 and 16, fp16 F.linear vs ternary vs ternary + transform."""
+    rows = []
+    for name, shapes in LAYERS.items():
+        k_down = shapes[-1][1]
+        signs = (torch.randint(0, 2, (k_down,), device="cuda", generator=gen) * 2 - 1).to(torch.int8)
+        for m in ms:
+            fp16 = tern = had = 0.0
+            for i, (n, k) in enumerate(shapes):
+                L = make_layer(n, k, gen)
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+                w16 = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
+                fp16 += graph_us(lambda w: F.linear(x, w), {"w": w16})
+                tern += graph_us(lambda **c: tt.linear(x, **c), L)
+                if i == len(shapes) - 1:
+                    y = tt.linear(hadamard_input(x, signs), **L)
+                    assert torch.isfinite(y).all()
+                    had = graph_us(lambda **c: tt.linear(hadamard_input(x, signs), **c), L) - graph_us(
+                        lambda **c: tt.linear(x, **c), L)
+                del L, w16
+            kind, h = hadamard.plan(k_down)
+            row = {"layer": name, "M": m, "down_proj_in": k_down, "factor": f"{kind}:{h}",
+                   "fp16_us": round(fp16, 1), "ternary_us": round(tern, 1), "hadamard_us": round(had, 1),
+                   "speedup": round(fp16 / tern, 2), "speedup_rotated": round(fp16 / (tern + had), 2),
+                   "kept": round(tern / (tern + had), 3)}
+            rows.append(row)
+            print("online", row, flush=True)
+    return rows
+
+
 def sweep(args) -> dict:
     """Time the fused kernel's launch settings at M = 1 and 16 on three shapes; print the
     best, set them in tt.TUNING (what the rest of the run uses) and return them."""
@@ -155,6 +193,26 @@ def sweep(args) -> dict:
     tt.TUNING["fused"] = grid[ranked[0]]
     print("TUNING =", tt.TUNING, flush=True)
     return tt.TUNING
+
+
+def write_online(rows, dev, date, out: Path):
+    (out / "online-hadamard.json").write_text(json.dumps([r | {"device": dev, "date": date} for r in rows],
+                                                         indent=1) + "\n")
+    lines = ["# Decode cost of the online Hadamard transform (rotated models)", "",
+             f"{dev}, {date}. Regenerate: `PYTHONPATH=$PWD python3 benchmarks/kernels.py --online --out "
+             "docs/results`.", "",
+             "One decoder layer's seven linears (Llama-2 shapes; 70B with its 8 KV heads), summed times "
+             "from CUDA-graph replays as in kernels.md. A rotated model runs one extra transform per layer, "
+             "on down_proj's input (`rotate.online.hadamard_input`: signs, fast Walsh-Hadamard stages as "
+             "small GEMMs, the small dense factor). `kept` = the share of the unrotated ternary speedup "
+             "that the rotated layer keeps (issue target: at least 80 %).", "",
+             "| layer | M | down_proj input (factor) | fp16 µs | ternary µs | transform µs | speedup | rotated speedup | kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['M']} | {r['down_proj_in']} ({r['factor']}) | {r['fp16_us']} | "
+                     f"{r['ternary_us']} | {r['hadamard_us']} | {r['speedup']}x | {r['speedup_rotated']}x | "
+                     f"{r['kept']:.0%} |")
+    (out / "online-hadamard.md").write_text("\n".join(lines) + "\n")
 
 
 def write(rows, dev, date, bw, out: Path):
@@ -186,12 +244,23 @@ def main():
     ap.add_argument("--out", type=Path, help="folder for kernels.json and kernels.md")
     ap.add_argument("--sweep", action="store_true", help="first time the kernels' variants and settings, "
                     "and use the best")
+    ap.add_argument("--online", action="store_true", help="also time the online Hadamard transform of "
+                    "rotated models per decoder layer (online-hadamard.json / .md)")
+    ap.add_argument("--only-online", action="store_true", help="time only the online transform")
     args = ap.parse_args()
     if args.sweep:
         sweep(args)
-    rows, dev, date, bw = run(args)
-    if args.out:
-        write(rows, dev, date, bw, args.out)
+    dev = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if not args.only_online:
+        rows, dev, date, bw = run(args)
+        if args.out:
+            write(rows, dev, date, bw, args.out)
+    if args.online or args.only_online:
+        orows = online(torch.Generator(device="cuda").manual_seed(1))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_online(orows, dev, date, args.out)
 
 
 if __name__ == "__main__":
