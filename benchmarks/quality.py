@@ -15,6 +15,7 @@ Rows (--rows picks a subset by name; `--list` prints them):
   Table 2a: pt2-base (neither ITF nor AGA), pt2-no-itf, pt2-no-aga,
   Table 2b: reorder-none, reorder-random, reorder-hessian (pt2 is reorder ssr),
   rotations (issue 7): pt2-rot, pt2-rot-hessian, pt2-rot-none, gptq2-rot.
+  fitting the float model's outputs (--target float): pt2-float, pt2-rot-hessian-float.
 Quantization wall times are measured with --jobs rows sharing one GPU: compare them with
 each other, not with benchmarks/quant_time.py.
 """
@@ -54,6 +55,9 @@ ROWS = {
     "pt2-rot-hessian": ("PT² + rotation, Hessian order", "pt2llm", ["--rotate", "hadamard", "--reorder", "hessian"]),
     "pt2-rot-none": ("PT² + rotation, no reordering", "pt2llm", ["--rotate", "hadamard", "--reorder", "none"]),
     "gptq2-rot": ("GPTQ 2-bit g128 + rotation", "pt2llm", ["--rotate", "hadamard", "--method", "gptq", "--bits", "2"]),
+    "pt2-float": ("PT², float target", "pt2llm", ["--target", "float"]),
+    "pt2-rot-hessian-float": ("PT² + rotation, Hessian order, float target", "pt2llm",
+                              ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hadamard: rotate the float model first (random Hadamard on the residual stream, value "
                         "heads and down_proj's input; exact in float) so weights and activations are incoherent; "
                         "down_proj then applies a fast online Hadamard at run time (default none)")
+    q.add_argument("--target", choices=["quantized", "float"], default="quantized",
+                   help="what each linear is fitted to: quantized = its float weight on the inputs the quantized "
+                        "layers before it produce (GPTQ, the paper; default); float = the float model's outputs "
+                        "on its own float inputs (asymmetric calibration: a second, float forward stream)")
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")

@@ -11,6 +11,7 @@ input tensor share one Hessian. No per-architecture table.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ class QuantConfig:
     percdamp: float = 0.01
     seed: int = 0                # also seeds the rotation's random signs
     rotate: str = "none"         # none | hadamard: rotate the float model first (rotate/fold.py)
+    target: str = "quantized"    # quantized (GPTQ) | float: fit the float model's outputs (ternary/target.py)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -61,6 +63,10 @@ class QuantConfig:
             raise ValueError(f"unknown reorder {self.reorder!r}; expected one of {ternary.ssr.ORDERS}")
         if self.rotate not in rotate.METHODS:
             raise ValueError(f"unknown rotate {self.rotate!r}; expected one of {rotate.METHODS}")
+        if self.target not in ("quantized", "float"):
+            raise ValueError(f"unknown target {self.target!r}; expected quantized or float")
+        if self.method == "rtn" and self.target == "float":
+            raise ValueError("rtn uses no calibration data, so it cannot use --target float")
         if self.method == "rtn" and self.reorder == "hessian":
             raise ValueError("rtn uses no calibration data, so it cannot use --reorder hessian")
 
@@ -77,6 +83,8 @@ class QuantConfig:
         d = asdict(self)
         if self.method != "gptq":
             d.pop("bits")
+        if self.target == "quantized":
+            d.pop("target")  # the default, as before the option existed: older work folders still resume
         return d
 
 
@@ -233,6 +241,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     t0 = time.perf_counter()
     if use_data:
         inps, args, kwargs = capture_layer_inputs(model, parent, layers, calib, device)
+    finps = [x.clone() for x in inps] if use_data and config.target == "float" else None  # float model's stream
     stats.seconds["capture"] += time.perf_counter() - t0
 
     replaced = []
@@ -252,17 +261,23 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         layer = layers[i].to(device)
         if plan is not None:
             rotate.fold.rotate_layer(layer, i, plan)
+        flayer = copy.deepcopy(layer) if finps is not None else None  # the float layer, kept for its outputs
         if i < done:
             bar.set_postfix_str("resumed")
             names = work.load_layer(i, layer, config)
         else:
             names = _quantize_layer(layer, quantizer, config, inps if use_data else None,
-                                    (args, kwargs) if use_data else None, stats, f"{layers_name}.{i}", bar, dist)
+                                    (args, kwargs) if use_data else None, stats, f"{layers_name}.{i}", bar, dist,
+                                    flayer=flayer, finps=finps)
             _round_to_fp16(layer)
         if use_data:
             t = time.perf_counter()
             for j, x in enumerate(inps):
                 inps[j] = _first(layer(x, *args, **kwargs))
+            if finps is not None:
+                for j, x in enumerate(finps):
+                    finps[j] = _first(flayer(x, *args, **kwargs))
+                del flayer
             stats.seconds["forward"] += time.perf_counter() - t
         layers[i] = layer.to("cpu")
         if writes and i >= done:
@@ -291,10 +306,13 @@ def _inject_fault(i: int) -> None:
         os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
-def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, dist=None) -> list[str]:
+def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, dist=None,
+                    flayer=None, finps=None) -> list[str]:
     """Quantize one layer's linears group by group (true-sequential) and swap them for
     TernaryLinear modules on the layer's device. Returns their names within the layer.
-    With `dist`, this rank quantizes its share of each group and receives the rest."""
+    With `dist`, this rank quantizes its share of each group and receives the rest.
+    With `flayer` / `finps` (config.target == "float"), each linear is fitted to the float
+    layer's outputs on the float model's inputs (`ternary.target`)."""
     device = next(layer.parameters()).device
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     if inps is not None:
@@ -306,10 +324,13 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         groups = [[n] for n in linears] if dist is None else [list(linears)]
     results = {}
     for group in groups:
-        H = None
+        H = D = None
         if inps is not None:
             t = time.perf_counter()
-            H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
+            if finps is None:
+                H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
+            else:
+                H, D = _group_cross(layer, flayer, group, inps, finps, args, kwargs)
             stats.seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         owners = None if dist is None else dist.assign(group, linears)
@@ -318,7 +339,11 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
             if owners is not None and owners[n] != dist.rank:
                 continue
             bar.set_postfix_str(n)
-            got[n] = ternary.quantize_weight(linears[n].weight, H, quantizer, block_size=config.block_size,
+            w = linears[n].weight
+            if D is not None:
+                with stage("float_target"):
+                    w = ternary.target.float_target(w, H, D, config.percdamp)
+            got[n] = ternary.quantize_weight(w, H, quantizer, block_size=config.block_size,
                                              reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
         shared = 0.0
         if dist is not None:
@@ -374,3 +399,42 @@ def _group_hessian(layer, group: list[nn.Linear], inps, args, kwargs) -> torch.T
         for h in hooks:
             h.remove()
     return acc.H
+
+
+def _group_cross(layer, flayer, group: list[str], inps, finps, args, kwargs):
+    """(H, D) of `ternary.target.CrossAccumulator` for the input shared by `group`: x from
+    `layer` (earlier groups already quantized) on the quantized stream, x̃ from the float
+    layer `flayer` on the float stream, window by window."""
+    first, last = layer.get_submodule(group[0]), layer.get_submodule(group[-1])
+    ffirst = flayer.get_submodule(group[0])
+    acc = ternary.target.CrossAccumulator(first.in_features, device=first.weight.device)
+    transform = getattr(first, "input_transform", None)
+    seen = {}
+
+    def grab(module, inp):
+        seen["x"] = inp[0]
+        raise _StopForward
+
+    def add(module, inp):
+        x, xf = inp[0], seen.pop("x")
+        if transform is not None:
+            x, xf = transform(x), transform(xf)
+        with stage("hessian"):
+            acc.add(x, xf)
+
+    def stop(module, inp):
+        raise _StopForward
+
+    hooks = [ffirst.register_forward_pre_hook(grab), first.register_forward_pre_hook(add),
+             last.register_forward_pre_hook(stop)]
+    try:
+        for x, xf in zip(inps, finps):
+            for mod, inp in ((flayer, xf), (layer, x)):
+                try:
+                    mod(inp, *args, **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc.H, acc.D

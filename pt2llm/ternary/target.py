@@ -1,0 +1,63 @@
+"""Fitting the float model's outputs instead of the layer's own (asymmetric calibration).
+
+GPTQ fits each quantized linear to the float weight on the inputs X that the already
+quantized part of the model produces: min ‖(Ŵ − W) X‖². Once the earlier layers are ternary,
+X has drifted far from the float model's inputs X̃, and the layer's float outputs W X̃ are
+what the rest of the model expects. Fitting them instead, min over Ŵ of ‖Ŵ X − W X̃‖²
+(GPTAQ's objective), is the same GPTQ problem for another weight:
+
+    ‖Ŵ X − W X̃‖² = ‖(Ŵ − W*) X‖² + const,   W* = W X̃ Xᵀ (X Xᵀ)⁻¹ = W + W D H⁻¹,
+
+with H = X Xᵀ (GPTQ's Hessian, up to its 2/N) and D = (X̃ − X) Xᵀ on the same scale. So
+`float_target` gives W*, and the unchanged quantizer (ATQ, ITF, AGA, SSR, compensation) runs
+on W* with the same H. With the damped H used everywhere else, W* = W exactly when X̃ = X.
+Rows of X are tokens here: H = 2/N Σ xᵀx, D = 2/N Σ (x̃ − x)ᵀ x.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class CrossAccumulator:
+    """H = 2/N Σ xᵀx and D = 2/N Σ (x̃ − x)ᵀ x over all N token rows seen (running means,
+    float32; H is exactly `HessianAccumulator`'s)."""
+
+    def __init__(self, columns: int, device=None):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.D = torch.zeros_like(self.H)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        xf = x_float.reshape(-1, x_float.shape[-1]).to(self.H.device, torch.float32)
+        if xf.shape != x.shape:
+            raise ValueError(f"quantized-path input {tuple(x.shape)} and float-path input {tuple(xf.shape)} differ")
+        b = x.shape[0]
+        if b == 0:
+            return
+        keep = self.n / (self.n + b)
+        self.H.mul_(keep)
+        self.D.mul_(keep)
+        self.n += b
+        s = math.sqrt(2.0 / self.n)
+        x = x * s
+        self.H.addmm_(x.T, x)
+        self.D.addmm_((xf * s - x).T, x)
+
+
+def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """W* = W + W D (H + λI)⁻¹, λ = percdamp · mean(diag H) (GPTQ's damping), computed in
+    float64 and returned in float32: the weight whose GPTQ fit on X fits W on X̃."""
+    H64 = H.double()
+    lam = percdamp * H64.diagonal().mean().clamp_min(1e-12)
+    Hd = H64 + lam * torch.eye(H64.shape[0], dtype=H64.dtype, device=H64.device)
+    W64 = W.double()
+    rhs = (W64 @ D.double()).T                                  # solve Hd Y = (W D)ᵀ; Hd is symmetric
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        Y = torch.linalg.lstsq(Hd, rhs).solution
+    else:
+        Y = torch.cholesky_solve(rhs, L)
+    return (W64 + Y.T).to(torch.float32)

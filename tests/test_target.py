@@ -1,0 +1,68 @@
+"""--target float (asymmetric calibration): W* against least squares, and in the driver."""
+import pytest
+import torch
+
+from pt2llm import data, ternary
+from pt2llm.model import driver, sources
+from pt2llm.ternary.target import CrossAccumulator, float_target
+
+
+def _streams(seed=0, tokens=300, n=24):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    X[:, 3] *= 20  # an outlier channel, as real activations have
+    Xf = X + 0.3 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    W = torch.randn(10, n, generator=g, dtype=torch.float64)
+    return X, Xf, W
+
+
+def test_accumulators_match_the_definitions_in_chunks():
+    X, Xf, _ = _streams()
+    acc, ref = CrossAccumulator(X.shape[1]), ternary.HessianAccumulator(X.shape[1])
+    for a, b in ((0, 7), (7, 150), (150, 300)):  # running means over uneven chunks
+        acc.add(X[a:b].float(), Xf[a:b].float())
+        ref.add(X[a:b].float())
+    N = X.shape[0]
+    torch.testing.assert_close(acc.H, ref.H, rtol=0, atol=0)
+    torch.testing.assert_close(acc.H.double(), 2 / N * X.T @ X, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc.D.double(), 2 / N * (Xf - X).T @ X, rtol=1e-5, atol=1e-4)
+
+
+def test_float_target_is_the_least_squares_fit_of_the_float_outputs():
+    X, Xf, W = _streams()
+    acc = CrossAccumulator(X.shape[1])
+    acc.add(X.float(), Xf.float())
+    Wt = float_target(W.float(), acc.H, acc.D, percdamp=0.0)
+    # independent: argmin_V ||X V^T - Xf W^T|| by lstsq in float64
+    ref = torch.linalg.lstsq(X, Xf @ W.T).solution.T
+    torch.testing.assert_close(Wt.double(), ref, rtol=1e-4, atol=1e-4)
+    # it fits the float outputs better than W itself does
+    assert (X @ Wt.double().T - Xf @ W.T).norm() < 0.99 * (X @ W.T - Xf @ W.T).norm()
+
+
+def test_float_target_is_w_when_the_streams_agree_even_damped():
+    X, _, W = _streams(1)
+    acc = CrossAccumulator(X.shape[1])
+    acc.add(X.float(), X.float())
+    assert acc.D.abs().max() == 0
+    torch.testing.assert_close(float_target(W.float(), acc.H, acc.D, percdamp=0.01), W.float(), rtol=0, atol=0)
+
+
+def test_driver_target_float(tiny):
+    """Layer 0's first group sees the same inputs on both streams, so its codes equal the
+    default run's; the float stream then makes later linears differ; the config is recorded."""
+    kind, d = tiny
+    runs = {}
+    for target in ("quantized", "float"):
+        model, tok, _ = sources.load_float(str(d / "float"))
+        calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
+        driver.quantize_model(model, calib, driver.QuantConfig(target=target), progress=False)
+        runs[target] = model
+    a, b = (runs[t].model.layers for t in ("quantized", "float"))
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(a[0].self_attn, n).packed, getattr(b[0].self_attn, n).packed), n
+    assert not torch.equal(a[1].mlp.down_proj.packed, b[1].mlp.down_proj.packed)
+    assert driver.QuantConfig(target="float").to_dict()["target"] == "float"
+    assert "target" not in driver.QuantConfig().to_dict()
+    with pytest.raises(ValueError, match="target"):
+        driver.QuantConfig(method="rtn", target="float")
