@@ -66,3 +66,23 @@ def test_driver_target_float(tiny):
     assert "target" not in driver.QuantConfig().to_dict()
     with pytest.raises(ValueError, match="target"):
         driver.QuantConfig(method="rtn", target="float")
+
+
+def test_killed_float_target_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
+    """A resumed layer is loaded quantized, but the float stream must still pass through the
+    float layer: the resumed run equals an uninterrupted one."""
+    from tinymodels import quantize_killed_after_first_layer, sha256
+
+    from pt2llm import cli
+
+    _, d = tiny
+    args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "64", "--device", "cpu", "--no-progress", "--target", "float"]
+    assert cli.main([*args, "--out", str(tmp_path / "ref")]) == 0
+    default = tmp_path / "default"
+    assert cli.main([*args[:-2], "--out", str(default)]) == 0
+    out = tmp_path / "out"
+    quantize_killed_after_first_layer(args, out)
+    assert cli.main([*args, "--out", str(out), "--resume"]) == 0
+    assert sha256(out / "model.safetensors") == sha256(tmp_path / "ref" / "model.safetensors")
+    assert sha256(default / "model.safetensors") != sha256(out / "model.safetensors")
