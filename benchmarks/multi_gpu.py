@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quant_time import LLAMA2_7B, build  # noqa: E402
+
+from pt2llm.model.sources import sha256_file as sha256  # noqa: E402
 
 TINY = dict(hidden_size=200, intermediate_size=328, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=256)
@@ -64,14 +65,6 @@ def make_model(folder: Path, layers: int, tiny: bool, device: str) -> int:
 def calibration_text(path: Path, vocab: int, tokens: int, seed: int) -> None:
     rng = random.Random(seed)
     path.write_text(" ".join(f"w{rng.randrange(vocab)}" for _ in range(tokens)) + "\n")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def quantize(folder: Path, calib: Path, out: Path, where: list[str], a) -> dict:

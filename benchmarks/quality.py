@@ -92,7 +92,7 @@ def model_tag(model: str) -> str:
 def run_row(name: str, args, work: Path) -> dict:
     import torch
 
-    from pt2llm import commands, peers
+    from pt2llm import checkpoint, commands, peers
     from pt2llm.eval import evaluate, tasks
     from pt2llm.model import sources
 
@@ -104,7 +104,7 @@ def run_row(name: str, args, work: Path) -> dict:
         cmd = [sys.executable, "-m", "pt2llm", "quantize", args.model, "--out", str(qdir), "--overwrite",
                "--device", args.device, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--no-progress", "--report", str(work / f"{name}.quant.json"), *qargs]
-        if (work / f".{qdir.name}.work").is_dir():
+        if checkpoint.work_path(qdir).is_dir():
             cmd.append("--resume")  # a killed quantization continues from its last finished layer
         if not ((qdir / "model.safetensors").is_file() and (work / f"{name}.quant.json").is_file()):
             subprocess.run(cmd, check=True)  # else: a finished folder from an interrupted row is reused

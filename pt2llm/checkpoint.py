@@ -311,6 +311,12 @@ def _non_persistent(model: nn.Module, key: str) -> bool:
     return name in getattr(m, "_non_persistent_buffers_set", set())
 
 
+def work_path(out) -> Path:
+    """The folder beside OUT where a run keeps its finished layers: .OUT.work."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
 class WorkDir:
     """The finished layers of a run in progress, in a folder beside its output
     (OUT's parent/.OUT.work/): run.json (what the run is) and layer-NNNNN.safetensors, each
@@ -321,7 +327,7 @@ class WorkDir:
 
     def __init__(self, out, manifest: dict, resume: bool, overwrite: bool = False):
         out = Path(out)
-        self.path = out.parent / f".{out.name}.work"
+        self.path = work_path(out)
         self.manifest = json.loads(json.dumps(manifest, default=str))
         run = self.path / "run.json"
         if self.path.exists():

@@ -33,7 +33,6 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -216,17 +215,21 @@ def _cost(lin) -> int:
     return lin.out_features * lin.in_features ** 2
 
 
+def _join(device: str, init_method: str, rank: int, world: int) -> None:
+    """init_process_group for this rank on `device` (NCCL bound to its GPU, gloo on cpu)."""
+    kw = {}
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        kw["device_id"] = torch.device(device)
+    tdist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world,
+                             timeout=_timeout(), **kw)
+
+
 @contextlib.contextmanager
 def process_group(rank: int, devices: list[str], init_method: str):
     """Join the group (rank of len(devices)); yields a Dist. The group is destroyed on a
     clean exit only: after a failure a peer may never answer, and the process is ending."""
-    dev = devices[rank]
-    kw = {}
-    if dev.startswith("cuda"):
-        torch.cuda.set_device(torch.device(dev))
-        kw["device_id"] = torch.device(dev)
-    tdist.init_process_group(backend_for(dev), init_method=init_method, rank=rank, world_size=len(devices),
-                             timeout=_timeout(), **kw)
+    _join(devices[rank], init_method, rank, len(devices))
     yield Dist(rank, devices)
     tdist.destroy_process_group()
 
@@ -235,12 +238,7 @@ def process_group(rank: int, devices: list[str], init_method: str):
 def torchrun_group(env: TorchrunEnv, device: str):
     """Join a torchrun job's group (env://); every rank's device is gathered so all know the
     full device list, and cpu/cuda mixes are refused."""
-    kw = {}
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-        kw["device_id"] = torch.device(device)
-    tdist.init_process_group(backend_for(device), init_method="env://", rank=env.rank, world_size=env.world,
-                             timeout=_timeout(), **kw)
+    _join(device, "env://", env.rank, env.world)
     d = Dist(env.rank, [device] * env.world)
     devices = d.all_gather_object(device)
     if len({x.split(":")[0] for x in devices}) > 1:
@@ -268,8 +266,7 @@ class WorkReader(checkpoint.WorkDir):
     finished layers that rank 0 announces and writes nothing."""
 
     def __init__(self, out):
-        out = Path(out)
-        self.path = out.parent / f".{out.name}.work"  # where checkpoint.WorkDir keeps it
+        self.path = checkpoint.work_path(out)
         self.manifest = None
 
     def save_layer(self, i, layer):

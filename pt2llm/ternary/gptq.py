@@ -66,14 +66,26 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
-        b = x.shape[0]
-        if b == 0:
+        x = self._rows(x)
+        if x.shape[0] == 0:
             return
-        self.H.mul_(self.n / (self.n + b))
-        self.n += b
-        x = x * math.sqrt(2.0 / self.n)
+        x = x * self._advance(x.shape[0])
         self.H.addmm_(x.T, x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+
+    def _advance(self, b: int) -> float:
+        """Rescale the sums kept so far to a mean over n + b rows; returns the factor
+        sqrt(2 / (n + b)) for the b new rows."""
+        keep = self.n / (self.n + b)
+        for t in self._sums():
+            t.mul_(keep)
+        self.n += b
+        return math.sqrt(2.0 / self.n)
+
+    def _sums(self) -> list[torch.Tensor]:
+        return [self.H]
 
 
 def grid_inverse(scale: torch.Tensor) -> torch.Tensor:

@@ -15,33 +15,29 @@ Rows of X are tokens here: H = 2/N Σ xᵀx, D = 2/N Σ (x̃ − x)ᵀ x.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .gptq import HessianAccumulator
 
-class CrossAccumulator:
-    """H = 2/N Σ xᵀx and D = 2/N Σ (x̃ − x)ᵀ x over all N token rows seen (running means,
-    float32; H is exactly `HessianAccumulator`'s)."""
+
+class CrossAccumulator(HessianAccumulator):
+    """H = 2/N Σ xᵀx (exactly `HessianAccumulator`'s) and D = 2/N Σ (x̃ − x)ᵀ x over all N
+    token rows seen (running means, float32)."""
 
     def __init__(self, columns: int, device=None):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        super().__init__(columns, device)
         self.D = torch.zeros_like(self.H)
-        self.n = 0
+
+    def _sums(self) -> list[torch.Tensor]:
+        return [self.H, self.D]
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
-        xf = x_float.reshape(-1, x_float.shape[-1]).to(self.H.device, torch.float32)
+        x, xf = self._rows(x), self._rows(x_float)
         if xf.shape != x.shape:
             raise ValueError(f"quantized-path input {tuple(x.shape)} and float-path input {tuple(xf.shape)} differ")
-        b = x.shape[0]
-        if b == 0:
+        if x.shape[0] == 0:
             return
-        keep = self.n / (self.n + b)
-        self.H.mul_(keep)
-        self.D.mul_(keep)
-        self.n += b
-        s = math.sqrt(2.0 / self.n)
+        s = self._advance(x.shape[0])
         x = x * s
         self.H.addmm_(x.T, x)
         self.D.addmm_((xf * s - x).T, x)
