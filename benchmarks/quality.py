@@ -58,6 +58,14 @@ ROWS = {
     "pt2-float": ("PT², float target", "pt2llm", ["--target", "float"]),
     "pt2-rot-hessian-float": ("PT² + rotation, Hessian order, float target", "pt2llm",
                               ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float"]),
+    "pt2-refine": ("PT² + refinement (4 sweeps)", "pt2llm", ["--refine", "4"]),
+    "gptq2-refine": ("GPTQ 2-bit g128 + refinement (4 sweeps)", "pt2llm", ["--method", "gptq", "--bits", "2", "--refine", "4"]),
+    "pt2-rot-hessian-float-refine": ("PT² + rotation, Hessian order, float target, refinement (4 sweeps)", "pt2llm",
+                                     ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float",
+                                      "--refine", "4"]),
+    "pt2-rot-hessian-float-refine-d10": ("... with 10% damping", "pt2llm",
+                                         ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float",
+                                          "--refine", "4", "--percdamp", "0.1"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what each linear is fitted to: quantized = its float weight on the inputs the quantized "
                         "layers before it produce (GPTQ, the paper; default); float = the float model's outputs "
                         "on its own float inputs (asymmetric calibration: a second, float forward stream)")
+    q.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="after GPTQ, N sweeps alternating the joint (alpha, mu) of all blocks of a row with "
+                        "coordinate descent on the codes, both in the layer's output error (beyond the paper; "
+                        "default 0: off)")
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")

@@ -62,7 +62,7 @@ def quantize(args) -> int:
     if devices is not None and len(devices) > 1:
         # what fails the same way on every rank fails here, once, before the processes start
         driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size, reorder=args.reorder,
-                           rotate=args.rotate, target=args.target)
+                           rotate=args.rotate, target=args.target, refine=args.refine)
         checkpoint.check_writable(Path(args.out), args.overwrite)
         if args.model in sources.ALIASES:  # fetched once, not by every rank at the same time
             sources.fetch_alias(args.model, progress=not args.no_progress)
@@ -82,7 +82,7 @@ def _quantize(args, device: str, dist) -> int:
     cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                              max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
-                             rotate=args.rotate, target=args.target)
+                             rotate=args.rotate, target=args.target, refine=args.refine)
     out = Path(args.out)
     checkpoint.check_writable(out, args.overwrite)
     t0 = time.perf_counter()

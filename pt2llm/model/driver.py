@@ -49,6 +49,7 @@ class QuantConfig:
     seed: int = 0                # also seeds the rotation's random signs
     rotate: str = "none"         # none | hadamard: rotate the float model first (rotate/fold.py)
     target: str = "quantized"    # quantized (GPTQ) | float: fit the float model's outputs (ternary/target.py)
+    refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -67,6 +68,10 @@ class QuantConfig:
             raise ValueError(f"unknown target {self.target!r}; expected quantized or float")
         if self.method == "rtn" and self.target == "float":
             raise ValueError("rtn uses no calibration data, so it cannot use --target float")
+        if self.refine < 0:
+            raise ValueError(f"--refine must be >= 0, got {self.refine}")
+        if self.method == "rtn" and self.refine:
+            raise ValueError("rtn uses no calibration data, so it cannot use --refine")
         if self.method == "rtn" and self.reorder == "hessian":
             raise ValueError("rtn uses no calibration data, so it cannot use --reorder hessian")
 
@@ -85,6 +90,8 @@ class QuantConfig:
             d.pop("bits")
         if self.target == "quantized":
             d.pop("target")  # the default, as before the option existed: older work folders still resume
+        if not self.refine:
+            d.pop("refine")
         return d
 
 
@@ -347,6 +354,9 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
                     w = ternary.target.float_target(w, H, D, config.percdamp)
             got[n] = ternary.quantize_weight(w, H, quantizer, block_size=config.block_size,
                                              reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
+            if config.refine:
+                with stage("refine"):
+                    got[n] = ternary.refine.refine(got[n], w, H, quantizer.lo, quantizer.hi, config.refine)
         shared = 0.0
         if dist is not None:
             t_share = time.perf_counter()
