@@ -63,9 +63,6 @@ ROWS = {
     "pt2-rot-hessian-float-refine": ("PT² + rotation, Hessian order, float target, refinement (4 sweeps)", "pt2llm",
                                      ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float",
                                       "--refine", "4"]),
-    "pt2-rot-hessian-float-refine-d10": ("... with 10% damping", "pt2llm",
-                                         ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float",
-                                          "--refine", "4", "--percdamp", "0.1"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 
