@@ -63,6 +63,11 @@ ROWS = {
     "pt2-rot-hessian-float-refine": ("PT² + rotation, Hessian order, float target, refinement (4 sweeps)", "pt2llm",
                                      ["--rotate", "hadamard", "--reorder", "hessian", "--target", "float",
                                       "--refine", "4"]),
+    "pt2-rot-hessian-residual": ("PT² + rotation, Hessian order, residual target", "pt2llm",
+                                 ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual"]),
+    "pt2-rot-hessian-residual-refine": ("PT² + rotation, Hessian order, residual target, refinement (4 sweeps)",
+                                        "pt2llm", ["--rotate", "hadamard", "--reorder", "hessian", "--target",
+                                                   "residual", "--refine", "4"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 

@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hadamard: rotate the float model first (random Hadamard on the residual stream, value "
                         "heads and down_proj's input; exact in float) so weights and activations are incoherent; "
                         "down_proj then applies a fast online Hadamard at run time (default none)")
-    q.add_argument("--target", choices=["quantized", "float"], default="quantized",
+    q.add_argument("--target", choices=["quantized", "float", "residual"], default="quantized",
                    help="what each linear is fitted to: quantized = its float weight on the inputs the quantized "
                         "layers before it produce (GPTQ, the paper; default); float = the float model's outputs "
-                        "on its own float inputs (asymmetric calibration: a second, float forward stream)")
+                        "on its own float inputs (asymmetric calibration: a second, float forward stream); "
+                        "residual = float, and o_proj / down_proj also cancel what they can of the drift "
+                        "between the float and the quantized residual stream (Llama-style layers)")
     q.add_argument("--refine", type=int, default=0, metavar="N",
                    help="after GPTQ, N sweeps alternating the joint (alpha, mu) of all blocks of a row with "
                         "coordinate descent on the codes, both in the layer's output error (beyond the paper; "

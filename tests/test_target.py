@@ -4,7 +4,7 @@ import torch
 
 from pt2llm import data, ternary
 from pt2llm.model import driver, sources
-from pt2llm.ternary.target import CrossAccumulator, float_target
+from pt2llm.ternary.target import CrossAccumulator, DriftAccumulator, float_target
 
 
 def _streams(seed=0, tokens=300, n=24):
@@ -86,3 +86,40 @@ def test_killed_float_target_run_resumes_to_a_byte_identical_model(tiny, tmp_pat
     assert cli.main([*args, "--out", str(out), "--resume"]) == 0
     assert sha256(out / "model.safetensors") == sha256(tmp_path / "ref" / "model.safetensors")
     assert sha256(default / "model.safetensors") != sha256(out / "model.safetensors")
+
+
+def test_drift_target_is_the_least_squares_fit_of_the_float_outputs_plus_the_drift():
+    X, Xf, W = _streams(2)
+    g = torch.Generator().manual_seed(3)
+    R = torch.randn(X.shape[0], W.shape[0], generator=g, dtype=torch.float64) + 0.5 * X[:, :W.shape[0]]
+    acc, ref = DriftAccumulator(X.shape[1], W.shape[0]), CrossAccumulator(X.shape[1])
+    for a, b in ((0, 100), (100, 300)):
+        acc.add(X[a:b].float(), Xf[a:b].float(), R[a:b].float())
+        ref.add(X[a:b].float(), Xf[a:b].float())
+    torch.testing.assert_close(acc.H, ref.H, rtol=0, atol=0)
+    torch.testing.assert_close(acc.D, ref.D, rtol=0, atol=0)
+    torch.testing.assert_close(acc.P.double(), 2 / X.shape[0] * R.T @ X, rtol=1e-5, atol=1e-4)
+    Wt = float_target(W.float(), acc.H, acc.D, percdamp=0.0, P=acc.P)
+    expect = torch.linalg.lstsq(X, Xf @ W.T + R).solution.T  # independent: argmin ||X V^T - (Xf W^T + R)||
+    torch.testing.assert_close(Wt.double(), expect, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="drift"):
+        acc.add(X[:5].float(), Xf[:5].float(), R[:4].float())
+
+
+def test_driver_target_residual(tiny):
+    """Layer 0 starts from the same stream in both models, so q/k/v/o (no drift yet before
+    o_proj) equal the float target's; down_proj then also cancels the drift o_proj left."""
+    kind, d = tiny
+    runs = {}
+    for target in ("float", "residual"):
+        model, tok, _ = sources.load_float(str(d / "float"))
+        calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
+        driver.quantize_model(model, calib, driver.QuantConfig(target=target), progress=False)
+        runs[target] = model.model.layers[0]
+    a, b = runs["float"], runs["residual"]
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert torch.equal(getattr(a.self_attn, n).packed, getattr(b.self_attn, n).packed), n
+    assert not torch.equal(a.mlp.down_proj.packed, b.mlp.down_proj.packed)
+    assert driver.QuantConfig(target="residual").to_dict()["target"] == "residual"
+    with pytest.raises(ValueError, match="residual"):
+        driver.QuantConfig(method="rtn", target="residual")

@@ -36,6 +36,12 @@ class _StopForward(Exception):
     pass
 
 
+TARGETS = ("quantized", "float", "residual")
+# --target residual: the linears whose output is added to the residual stream, and the module
+# whose input is that stream just before their sub-layer (Llama-style decoder layers)
+RESIDUAL_WRITERS = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"}
+
+
 @dataclass
 class QuantConfig:
     method: str = "pt2"          # pt2 | rtn | gptq
@@ -48,7 +54,8 @@ class QuantConfig:
     percdamp: float = 0.01
     seed: int = 0                # also seeds the rotation's random signs
     rotate: str = "none"         # none | hadamard: rotate the float model first (rotate/fold.py)
-    target: str = "quantized"    # quantized (GPTQ) | float: fit the float model's outputs (ternary/target.py)
+    target: str = "quantized"    # quantized (GPTQ) | float: fit the float model's outputs | residual: float, and
+                                 # o_proj / down_proj also cancel the residual stream's drift (ternary/target.py)
     refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
 
     def __post_init__(self):
@@ -64,10 +71,10 @@ class QuantConfig:
             raise ValueError(f"unknown reorder {self.reorder!r}; expected one of {ternary.ssr.ORDERS}")
         if self.rotate not in rotate.METHODS:
             raise ValueError(f"unknown rotate {self.rotate!r}; expected one of {rotate.METHODS}")
-        if self.target not in ("quantized", "float"):
-            raise ValueError(f"unknown target {self.target!r}; expected quantized or float")
-        if self.method == "rtn" and self.target == "float":
-            raise ValueError("rtn uses no calibration data, so it cannot use --target float")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; expected one of {TARGETS}")
+        if self.method == "rtn" and self.target != "quantized":
+            raise ValueError(f"rtn uses no calibration data, so it cannot use --target {self.target}")
         if self.refine < 0:
             raise ValueError(f"--refine must be >= 0, got {self.refine}")
         if self.method == "rtn" and self.refine:
@@ -131,6 +138,14 @@ def check_finite(layers, layers_name: str, first: int = 0) -> None:
             if isinstance(m, nn.Linear) and not bool(torch.isfinite(m.weight).all()):
                 raise DriverError(f"non-finite weights (NaN or inf) in {layers_name}.{i}.{n}: "
                                   f"refusing to quantize a broken model")
+
+
+def _has(root: nn.Module, name: str) -> bool:
+    try:
+        root.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -253,7 +268,13 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     t0 = time.perf_counter()
     if use_data:
         inps, args, kwargs = capture_layer_inputs(model, parent, layers, calib, device)
-    finps = [x.clone() for x in inps] if use_data and config.target == "float" else None  # float model's stream
+    if config.target == "residual":
+        missing = [n for n in (*RESIDUAL_WRITERS, *RESIDUAL_WRITERS.values()) if not _has(layers[0], n)]
+        if missing:
+            raise DriverError(f"--target residual needs Llama-style decoder layers; {layers_name}.0 has no "
+                              f"{', '.join(missing)}")
+    floats = use_data and config.target != "quantized"
+    finps = [x.clone() for x in inps] if floats else None  # the float model's stream
     stats.seconds["capture"] += time.perf_counter() - t0
 
     replaced = []
@@ -323,7 +344,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
     """Quantize one layer's linears group by group (true-sequential) and swap them for
     TernaryLinear modules on the layer's device. Returns their names within the layer.
     With `dist`, this rank quantizes its share of each group and receives the rest.
-    With `flayer` / `finps` (config.target == "float"), each linear is fitted to the float
+    With `flayer` / `finps` (config.target float or residual), each linear is fitted to the float
     layer's outputs on the float model's inputs (`ternary.target`)."""
     device = next(layer.parameters()).device
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -336,10 +357,11 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         groups = [[n] for n in linears] if dist is None else [list(linears)]
     results = {}
     for group in groups:
-        H = D = None
+        H = D = P = None
         if inps is not None:
             t = time.perf_counter()
-            H, D = _group_hessian(layer, group, inps, args, kwargs, flayer, finps)
+            drift = RESIDUAL_WRITERS.get(group[0]) if config.target == "residual" and len(group) == 1 else None
+            H, D, P = _group_hessian(layer, group, inps, args, kwargs, flayer, finps, drift)
             stats.seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         owners = None if dist is None else dist.assign(group, linears)
@@ -351,7 +373,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
             w = linears[n].weight
             if D is not None:
                 with stage("float_target"):
-                    w = ternary.target.float_target(w, H, D, config.percdamp)
+                    w = ternary.target.float_target(w, H, D, config.percdamp, P)
             got[n] = ternary.quantize_weight(w, H, quantizer, block_size=config.block_size,
                                              reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
             if config.refine:
@@ -387,15 +409,21 @@ def _round_to_fp16(module: nn.Module) -> None:
             p.data.copy_(p.data.to(torch.float16))
 
 
-def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, finps=None):
-    """(H, D) for the input shared by the linears `group` of `layer`: H = 2 X X^T / N over
+def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, finps=None, drift=None):
+    """(H, D, P) for the input shared by the linears `group` of `layer`: H = 2 X X^T / N over
     the windows `inps`, each forward pass stopped as soon as the last linear of the group is
     reached; D = None, or with the float layer `flayer` and its stream `finps` the cross term
-    of `ternary.target.CrossAccumulator` (x̃ from flayer on the float stream, window by window)."""
+    of `ternary.target.CrossAccumulator` (x̃ from flayer on the float stream, window by window);
+    P = None, or with `drift` (the name of the module whose input is the residual stream
+    before the group's sub-layer) the drift term of `ternary.target.DriftAccumulator`."""
     first = layer.get_submodule(group[0])
     cross = finps is not None
-    acc = (ternary.target.CrossAccumulator if cross else ternary.HessianAccumulator)(
-        first.in_features, device=first.weight.device)
+    if drift is not None:
+        acc = ternary.target.DriftAccumulator(first.in_features, first.out_features, device=first.weight.device)
+    elif cross:
+        acc = ternary.target.CrossAccumulator(first.in_features, device=first.weight.device)
+    else:
+        acc = ternary.HessianAccumulator(first.in_features, device=first.weight.device)
     transform = getattr(first, "input_transform", None) or (lambda x: x)  # the linear sees x Q, not x
     seen = {}
 
@@ -403,9 +431,16 @@ def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, fin
         seen["x"] = inp[0]
         raise _StopForward
 
+    def stream(key):
+        def keep(module, inp):
+            seen[key] = inp[0]
+        return keep
+
     def add(module, inp):
         with stage("hessian"):
-            if cross:
+            if drift is not None:
+                acc.add(transform(inp[0]), transform(seen.pop("x")), seen.pop("hf") - seen.pop("h"))
+            elif cross:
                 acc.add(transform(inp[0]), transform(seen.pop("x")))
             else:
                 acc.add(transform(inp[0]))
@@ -416,6 +451,9 @@ def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, fin
     hooks = [first.register_forward_pre_hook(add), layer.get_submodule(group[-1]).register_forward_pre_hook(stop)]
     if cross:
         hooks.append(flayer.get_submodule(group[0]).register_forward_pre_hook(grab))
+    if drift is not None:
+        hooks += [flayer.get_submodule(drift).register_forward_pre_hook(stream("hf")),
+                  layer.get_submodule(drift).register_forward_pre_hook(stream("h"))]
     try:
         for j, x in enumerate(inps):
             if cross:
@@ -424,4 +462,4 @@ def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, fin
     finally:
         for h in hooks:
             h.remove()
-    return acc.H, (acc.D if cross else None)
+    return acc.H, (acc.D if cross else None), (acc.P if drift is not None else None)

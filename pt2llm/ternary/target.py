@@ -12,6 +12,13 @@ with H = X Xᵀ (GPTQ's Hessian, up to its 2/N) and D = (X̃ − X) Xᵀ on the 
 `float_target` gives W*, and the unchanged quantizer (ATQ, ITF, AGA, SSR, compensation) runs
 on W* with the same H. With the damped H used everywhere else, W* = W exactly when X̃ = X.
 Rows of X are tokens here: H = 2/N Σ xᵀx, D = 2/N Σ (x̃ − x)ᵀ x.
+
+The residual target (beyond GPTAQ) goes one step further for the linears whose output is
+added to the residual stream (o_proj, down_proj): their sum with the stream should match the
+float model's, h + Ŵx ≈ h̃ + W x̃, so they also cancel what they can of the drift r = h̃ − h
+that the quantized layers before them left in the stream:
+
+    ‖Ŵ X − (W X̃ + R)‖² = ‖(Ŵ − W*) X‖² + const,   W* = W + (W D + P) H⁻¹,   P = 2/N Σ rᵀ x.
 """
 from __future__ import annotations
 
@@ -43,14 +50,43 @@ class CrossAccumulator(HessianAccumulator):
         self.D.addmm_((xf * s - x).T, x)
 
 
-def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """W* = W + W D (H + λI)⁻¹, λ = percdamp · mean(diag H) (GPTQ's damping), computed in
-    float64 and returned in float32: the weight whose GPTQ fit on X fits W on X̃."""
+class DriftAccumulator(CrossAccumulator):
+    """H and D as `CrossAccumulator`, and P = 2/N Σ rᵀ x [outputs, inputs], r = h̃ − h the
+    residual stream's drift at the tokens of x."""
+
+    def __init__(self, columns: int, outputs: int, device=None):
+        super().__init__(columns, device)
+        self.P = torch.zeros(outputs, columns, dtype=torch.float32, device=self.H.device)
+
+    def _sums(self) -> list[torch.Tensor]:
+        return [self.H, self.D, self.P]
+
+    def add(self, x: torch.Tensor, x_float: torch.Tensor, drift: torch.Tensor) -> None:
+        x, xf, r = self._rows(x), self._rows(x_float), self._rows(drift)
+        if xf.shape != x.shape or r.shape != (x.shape[0], self.P.shape[0]):
+            raise ValueError(f"inputs {tuple(x.shape)} / {tuple(xf.shape)} and drift {tuple(r.shape)} do not match")
+        if x.shape[0] == 0:
+            return
+        s = self._advance(x.shape[0])
+        x = x * s
+        self.H.addmm_(x.T, x)
+        self.D.addmm_((xf * s - x).T, x)
+        self.P.addmm_((r * s).T, x)
+
+
+def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01,
+                 P: torch.Tensor | None = None) -> torch.Tensor:
+    """W* = W + (W D + P) (H + λI)⁻¹, λ = percdamp · mean(diag H) (GPTQ's damping), computed in
+    float64 and returned in float32: the weight whose GPTQ fit on X fits W on X̃ (plus the
+    drift R, when P is given)."""
     H64 = H.double()
     lam = percdamp * H64.diagonal().mean().clamp_min(1e-12)
     Hd = H64 + lam * torch.eye(H64.shape[0], dtype=H64.dtype, device=H64.device)
     W64 = W.double()
-    rhs = (W64 @ D.double()).T                                  # solve Hd Y = (W D)ᵀ; Hd is symmetric
+    WD = W64 @ D.double()
+    if P is not None:
+        WD = WD + P.double()
+    rhs = WD.T                                                  # solve Hd Y = (W D + P)ᵀ; Hd is symmetric
     L, info = torch.linalg.cholesky_ex(Hd)
     if int(info) != 0:
         Y = torch.linalg.lstsq(Hd, rhs).solution
