@@ -45,10 +45,11 @@ def copy_bandwidth() -> float:
 def make_layer(n, k, gen):
     codes = torch.randint(-1, 2, (n, k), device="cuda", generator=gen, dtype=torch.int8)
     nb = -(-k // 128)
+    perm = torch.randperm(k, device="cuda", generator=gen).to(torch.int16 if k < 32768 else torch.int32)
     return dict(packed=pack.pack_trit_rows(codes),
                 alpha=(torch.rand(n, nb, device="cuda", generator=gen) * 0.02 + 0.005).half(),
                 mu=(torch.randn(n, nb, device="cuda", generator=gen) * 0.002).half(),
-                perm=torch.randperm(k, device="cuda", generator=gen).to(torch.int16 if k < 32768 else torch.int32),
+                perm=perm, inv_perm=tt.inverse_perm(perm).to(torch.int32),  # as TernaryLinear caches it
                 bias=None, n_out=n, block_size=128)
 
 
@@ -171,26 +172,48 @@ def online(gen, ms=(1, 16)) -> list[dict]:
 
 
 def sweep(args) -> dict:
-    """Time the fused kernel's launch settings at M = 1 and 16 on three shapes; print the
-    best, set them in tt.TUNING (what the rest of the run uses) and return them."""
+    """Time the fused kernel's launch settings at M = 1 and 16, and both dequantize kernels'
+    tiles, on three shapes; print the best, set them in tt.TUNING (what the rest of the run
+    uses) and return them. Also prints what the gather of the activations (x[:, perm],
+    M = 2048) costs on those shapes: what dequantizing in the original order saves prefill."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(11008, 4096), (4096, 11008), (28672, 8192)]
     grid = [dict(block_g=bg, warps=nw, stages=ns, programs=tp)
-            for bg, nw, ns, tp in [(64, 4, 1, 264), (64, 4, 1, 528), (64, 4, 2, 264), (128, 8, 1, 264),
-                                   (128, 8, 1, 132), (32, 4, 2, 264)]]
-    scores = [[] for _ in grid]
+            for bg, nw, ns, tp in [(64, 4, 1, 264), (64, 4, 1, 528), (64, 4, 2, 264), (64, 4, 3, 528),
+                                   (128, 8, 1, 264), (128, 8, 1, 132), (32, 4, 2, 264)]]
+    dgrid = [dict(block_g=bg, warps=nw) for bg, nw in [(8, 2), (8, 4), (16, 4), (32, 4)]]
+    ogrid = [dict(block_c=bc, warps=nw) for bc, nw in [(512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16)]]
+    scores, dscores, oscores = [[] for _ in grid], [[] for _ in dgrid], [[] for _ in ogrid]
+    gather = []
     for n, k in shapes:
         L = make_layer(n, k, gen)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             for i, cfg in enumerate(grid):
-                scores[i].append(graph_us(lambda **c: tt.matmul(x, c["packed"], c["alpha"], c["mu"], c["perm"], None,
-                                                                 n, 128, **cfg), L, reps=5))
-        del L
-    ranked = sorted(range(len(grid)), key=lambda i: statistics.geometric_mean(scores[i]))
-    for i in ranked:
-        print("sweep", grid[i], "us at (shape, M = 1, 16):", [round(v, 1) for v in scores[i]], flush=True)
-    tt.TUNING["fused"] = grid[ranked[0]]
+                mm = lambda **c: tt.matmul(x, c["packed"], c["alpha"], c["mu"], c["perm"], None, n, 128, **cfg)
+                assert check(L, x, mm(**L)) < 2e-3, (n, k, m, cfg)
+                scores[i].append(graph_us(mm, L, reps=5))
+        ref = tt.dequantize(L["packed"], L["alpha"], L["mu"], n, 128)
+        for i, cfg in enumerate(dgrid):
+            dq = lambda **c: tt.dequantize(c["packed"], c["alpha"], c["mu"], n, 128, **cfg)
+            assert torch.equal(dq(**L), ref), (n, k, cfg)
+            dscores[i].append(graph_us(dq, L, reps=5))
+        ref[:, L["perm"].long()] = ref.clone()  # the original column order
+        for i, cfg in enumerate(ogrid):
+            dq = lambda **c: tt.dequantize_original(c["packed"], c["alpha"], c["mu"], c["inv_perm"], n, 128, **cfg)
+            assert torch.equal(dq(**L), ref), (n, k, cfg)
+            oscores[i].append(graph_us(dq, L, reps=5))
+        del ref
+        xg = {"x": torch.randn(2048, k, device="cuda", dtype=torch.float16, generator=gen), "perm": L["perm"].long()}
+        gather.append(graph_us(lambda x, perm: x.index_select(1, perm), xg, reps=5))
+        del L, xg
+    for key, g, sc, what in [("fused", grid, scores, "(shape, M = 1, 16)"), ("dequant", dgrid, dscores, "(shape)"),
+                             ("dequant_original", ogrid, oscores, "(shape)")]:
+        ranked = sorted(range(len(g)), key=lambda i: statistics.geometric_mean(sc[i]))
+        for i in ranked:
+            print("sweep", key, g[i], f"us at {what}:", [round(v, 1) for v in sc[i]], flush=True)
+        tt.TUNING[key] = g[ranked[0]]
+    print("sweep gather x[:, perm] at M = 2048, us at (shape):", [round(v, 1) for v in gather], flush=True)
     print("TUNING =", tt.TUNING, flush=True)
     return tt.TUNING
 
@@ -228,7 +251,7 @@ def write(rows, dev, date, bw, out: Path):
              "kernel's fewest bytes over its time, as a share of the copy's bandwidth. Times per call "
              "from CUDA-graph replays over copies of the weights (256 MiB or more in all: weights come from "
              "device memory; no launch gaps), median of replays. M <= 16: the fused Triton kernel; larger M: "
-             "dequantize + cuBLAS (both paths' times given). Launch settings: "
+             "dequantize (in the original column order) + cuBLAS (both paths' times given). Launch settings: "
              f"`{json.dumps(tt.TUNING)}`.", "",
              "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | fused µs | dequant+cuBLAS µs |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -242,7 +265,7 @@ def write(rows, dev, date, bw, out: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder for kernels.json and kernels.md")
-    ap.add_argument("--sweep", action="store_true", help="first time the kernels' variants and settings, "
+    ap.add_argument("--sweep", action="store_true", help="first time the kernels' launch settings, "
                     "and use the best")
     ap.add_argument("--online", action="store_true", help="also time the online Hadamard transform of "
                     "rotated models per decoder layer (online-hadamard.json / .md)")

@@ -7,6 +7,13 @@ DIR/config.json         the model's config with `quantization_config`
 DIR/model.safetensors   every tensor: TernaryLinear buffers, norms, embeddings, lm_head
 DIR/tokenizer files
 
+Format 3 stores each TernaryLinear's `perm` as a uint8 bit stream of max(1, ceil(log2 in))
+bits an entry and each online transform's `signs` one bit each (`_unique_state` packs them,
+for the folder and for the work folder's layer files alike); loading builds shells with that
+layout and `upgrade_linears` unpacks them to the run-time int16/int32 and int8 tensors.
+Format 2 stored them as int16/int32 [in] and int8 [in]; format 1 also packed the codes
+along rows. Both still load.
+
 Written into a temporary folder beside DIR and renamed when complete. The safetensors
 file is written here (a deterministic header: tensors in name order, metadata keys
 sorted) with the sha256 of every tensor's bytes in its metadata; loading checks them and
@@ -28,11 +35,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import __version__
-from .nn import TernaryLinear
+from . import __version__, pack
+from .nn import TernaryLinear, perm_dtype
 from .rotate import online
 
-FORMAT_VERSION = 2  # 2: ternary codes packed 5 rows a byte (pack.pack_trit_rows); 1: 5 columns a byte
+FORMAT_VERSION = 3  # 3: perm and online-transform signs stored as bit streams (pack.pack_perm, pack_signs)
+# 2: ternary codes packed 5 rows a byte (pack.pack_trit_rows); 1: 5 columns a byte
 # (2 also brings rotated models: config key pt2llm_rotation, online-transform signs; rotate/online.py)
 QUANT_METHOD = "pt2llm"
 
@@ -41,10 +49,25 @@ class CheckpointError(ValueError):
     """The folder is not a loadable pt2llm checkpoint (message says why)."""
 
 
+def _stored_forms(model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """State-dict key -> the function giving its format-3 on-disk form, for the tensors that
+    are stored packed: every TernaryLinear's perm and every online transform's signs."""
+    forms = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        pre = f"{name}." if name else ""
+        if isinstance(m, TernaryLinear):
+            forms[pre + "perm"] = lambda t: t if t.dtype == torch.uint8 else pack.pack_perm(t)
+        elif isinstance(m, online.OnlineHadamard):
+            forms[pre + "signs"] = lambda t: t if t.dtype == torch.uint8 else pack.pack_signs(t)
+    return forms
+
+
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without the second name of tied tensors (safetensors refuses aliases);
-    float32/float64 tensors (embeddings, norms, lm_head) are stored in float16."""
+    """What is written for `model`: its state_dict without the second name of tied tensors
+    (safetensors refuses aliases); float32/float64 tensors (embeddings, norms, lm_head) in
+    float16; column orders and online-transform signs packed (format 3)."""
     out, seen = {}, {}
+    forms = _stored_forms(model)
     for k, v in model.state_dict().items():
         if v.is_meta:  # a finished layer freed from memory: its tensors come from the work folder
             out[k] = v
@@ -57,7 +80,23 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
         v = v.detach().cpu()
         if v.dtype in (torch.float32, torch.float64):
             v = v.to(torch.float16)
+        if k in forms:
+            v = forms[k](v)
         out[k] = v.contiguous()
+    return out
+
+
+def _unpack_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with packed column orders and signs (format 3) unpacked to the run-time
+    dtypes of `model`'s modules (which must already be TernaryLinear / have their online
+    transforms); tensors already in run-time form pass through."""
+    out = dict(state)
+    for name, m in model.named_modules(remove_duplicate=False):
+        pre = f"{name}." if name else ""
+        if isinstance(m, TernaryLinear) and getattr(out.get(pre + "perm"), "dtype", None) == torch.uint8:
+            out[pre + "perm"] = pack.unpack_perm(out[pre + "perm"], m.in_features).to(perm_dtype(m.in_features))
+        elif isinstance(m, online.OnlineHadamard) and getattr(out.get(pre + "signs"), "dtype", None) == torch.uint8:
+            out[pre + "signs"] = pack.unpack_signs(out[pre + "signs"], m.size)
     return out
 
 
@@ -235,23 +274,29 @@ def replace_linears(model: nn.Module, qc: dict, device=None) -> None:
     """Swap the quantized modules named in qc for empty TernaryLinear shells, and give the
     modules that model.config's rotation record names their (empty) online transforms."""
     bits = qc.get("bits") if qc.get("method") == "gptq" else None
-    packing = 1 if qc.get("format_version") == 1 else 2  # format 1 is repacked by upgrade_linears
+    version = qc.get("format_version")
+    packing = 1 if version == 1 else 2  # format 1 is repacked by upgrade_linears
+    packed = isinstance(version, int) and version >= 3  # bit-stream perm and signs, unpacked by upgrade_linears
     for name in qc["modules"]:
         lin = model.get_submodule(name)
         if isinstance(lin, TernaryLinear):
             continue
         new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                            block_size=qc["block_size"], bits=bits, device=device, packing=packing)
+                            block_size=qc["block_size"], bits=bits, device=device, packing=packing,
+                            perm_packed=packed)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    online.install(model, device=device)  # a rotated model's online input transforms, if its config records them
+    online.install(model, device=device, packed=packed)  # a rotated model's online transforms, if recorded
 
 
 def upgrade_linears(model: nn.Module) -> None:
-    """Repack every format-1 TernaryLinear (loaded from an older folder) into format 2."""
+    """After the tensors are loaded into replace_linears' shells: repack format-1 codes into
+    format 2, and unpack format-3 column orders and online-transform signs."""
     for m in model.modules():
         if isinstance(m, TernaryLinear):
             m.upgrade_packing()
+        elif isinstance(m, online.OnlineHadamard):
+            m.unpack()
 
 
 def load(path, device="cpu", dtype=None, verify: bool = True):
@@ -328,7 +373,8 @@ class WorkDir:
     def __init__(self, out, manifest: dict, resume: bool, overwrite: bool = False):
         out = Path(out)
         self.path = work_path(out)
-        self.manifest = json.loads(json.dumps(manifest, default=str))
+        # the layer files are in this format: a work folder of another one is not resumed
+        self.manifest = json.loads(json.dumps({**manifest, "format_version": FORMAT_VERSION}, default=str))
         run = self.path / "run.json"
         if self.path.exists():
             if resume:
@@ -338,8 +384,8 @@ class WorkDir:
                     old = None
                 if old != self.manifest:
                     raise CheckpointError(f"{self.path} belongs to a run with other settings (model, method, "
-                                          f"options or calibration): rerun that exact command with --resume, "
-                                          f"or remove the folder to start over")
+                                          f"options, calibration or pt2llm format version): rerun that exact "
+                                          f"command with --resume, or remove the folder to start over")
             elif self._layer_files() and not overwrite:
                 raise CheckpointError(f"{self.path} holds {len(self._layer_files())} finished layers of an "
                                       f"interrupted run: pass --resume to continue it, or --overwrite to start over")
@@ -380,7 +426,7 @@ class WorkDir:
             new.input_transform = getattr(lin, "input_transform", None)  # rotated layer: kept
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, child, new)
-        layer.load_state_dict(state, strict=True)
+        layer.load_state_dict(_unpack_state(layer, state), strict=True)
         return names
 
     def lazy_state(self) -> dict[str, LazyTensor]:

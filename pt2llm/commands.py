@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from . import checkpoint, data, pack
 from .model import distributed, driver, sources
 
 
@@ -192,11 +192,11 @@ def inspect_dir(path) -> dict:
             n = 1
             for s in shape:
                 n *= s
-            sizes[k] = (shape, n * _dtype_bytes(sl.get_dtype()))
+            sizes[k] = (shape, n * _dtype_bytes(sl.get_dtype()), sl.get_dtype())
     rows, qbytes, qweights = [], 0, 0
     for name in qc["modules"]:
         parts = [sizes[f"{name}.{b}"] for b in ("packed", "alpha", "mu", "perm")]
-        out_f, in_f = parts[1][0][0], parts[3][0][0]
+        out_f, in_f = parts[1][0][0], _in_features(name, sizes, qc)
         nbytes = sum(p[1] for p in parts) + sizes.get(f"{name}.input_transform.signs", (0, 0))[1]
         rows.append({"module": name, "out": out_f, "in": in_f, "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / (out_f * in_f)})
@@ -208,6 +208,29 @@ def inspect_dir(path) -> dict:
             "bits_per_weight": 8 * qbytes / max(qweights, 1), "file_bytes": st.stat().st_size,
             "other_bytes": total - qbytes, "modules": rows,
             "rotation": checkpoint.read_config(path).get("pt2llm_rotation")}
+
+
+def _in_features(name: str, sizes: dict, qc: dict) -> int:
+    """A quantized linear's input width from the stored shapes: the length of its column
+    order up to format 2; in format 3 (perm a bit stream) the one width that fits the packed
+    perm, codes and per-block scales together (unique for any ternary layer, and for uint-k
+    codes wider than 128 inputs)."""
+    perm_shape, _, perm_dtype = sizes[f"{name}.perm"]
+    if perm_dtype != "U8":
+        return perm_shape[0]
+    (out_f, nb), codes_shape = sizes[f"{name}.alpha"][0], list(sizes[f"{name}.packed"][0])
+    bs = qc["block_size"]
+    bits = qc.get("bits") if qc.get("method") == "gptq" else None
+
+    def codes(n):
+        return [out_f, pack.packed_bits_width(n, bits)] if bits else [pack.packed_trit_width(out_f), n]
+
+    fits = [n for n in range(max(1, (nb - 1) * bs + 1), nb * bs + 1)
+            if pack.packed_perm_width(n) == perm_shape[0] and codes(n) == codes_shape]
+    if len(fits) != 1:
+        raise checkpoint.CheckpointError(f"{name}: the stored shapes do not determine its input width "
+                                         f"(candidates {fits[:5]})")
+    return fits[0]
 
 
 def _dtype_bytes(name: str) -> int:
@@ -228,7 +251,7 @@ def inspect(args) -> int:
     if rep["rotation"]:
         rot = rep["rotation"]
         print(f"rotated: random Hadamard (seed {rot.get('seed')}), online transform on the input of "
-              f"{len(rot['online'])} modules (their signs, a byte per input, counted in bits per weight)"
+              f"{len(rot['online'])} modules (their signs counted in bits per weight)"
               + ("; lm_head untied from the embeddings" if rot.get("untied_lm_head") else ""))
     if args.json:
         dump_json(rep, args.json)

@@ -35,7 +35,7 @@ class PT2LLMHfQuantizer(HfQuantizer):
         replace_linears(model, qc)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        upgrade_linears(model)  # format-1 folders: codes repacked into format 2
+        upgrade_linears(model)  # format 1: codes repacked into format 2; format 3: perm and signs unpacked
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -1,6 +1,6 @@
 """TernaryLinear: a linear layer whose weight is stored packed, block by block.
 
-Buffers (all in the state dict, all safetensors-friendly):
+Buffers (all in the state dict, all safetensors-friendly), at run time:
   packed  uint8 [ceil(out/5), in]: 5 rows' trits a byte (format 2, pack.pack_trit_rows);
           [out, ceil(in/5)] in format 1 until `upgrade_packing`; [out, ceil(in*bits/8)] for
           the uint-k baseline
@@ -8,9 +8,15 @@ Buffers (all in the state dict, all safetensors-friendly):
   mu      fp16  [out, ceil(in/block)] per-row, per-block offset; weight = alpha*code + mu
   perm    int16 [in] (int32 when in >= 32768): stored column j is input column perm[j]
   bias    fp16 [out], the original layer's bias, when it had one
-  input_transform.signs  int8 [in], only with an online input transform (rotated models,
-          `rotate.online.OnlineHadamard`): forward computes x Q, dequantize() gives W Q
+  input_transform.signs  int8 [in] of ±1, only with an online input transform (rotated
+          models, `rotate.online.OnlineHadamard`): forward computes x Q, dequantize() gives W Q
 Blocks are consecutive runs of `block_size` stored columns; the last may be shorter.
+
+In a saved folder (format 3; `checkpoint._unique_state` converts) `perm` is a uint8 bit
+stream of w = max(1, ceil(log2 in)) bits an entry (pack.pack_perm: ceil(in*w/8) bytes) and
+`input_transform.signs` one bit an entry (pack.pack_signs: ceil(in/8) bytes); formats 1 and
+2 stored them as above. A module built with `perm_packed=True` holds the stored form until
+`upgrade_packing` (checkpoint.upgrade_linears, after loading) unpacks it.
 """
 from __future__ import annotations
 
@@ -24,11 +30,17 @@ def perm_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features < 32768 else torch.int32
 
 
+def perm_storage_bytes(in_features: int) -> int:
+    """Bytes of a column order in a saved folder (format 3: index_bits(in) bits an entry)."""
+    return pack.packed_perm_width(in_features)
+
+
 class TernaryLinear(nn.Module):
     """bits=None: ternary codes {-1, 0, 1}. bits=k: unsigned k-bit codes (GPTQ baseline)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 block_size: int = 128, bits: int | None = None, device=None, packing: int = 2):
+                 block_size: int = 128, bits: int | None = None, device=None, packing: int = 2,
+                 perm_packed: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.bits = block_size, bits
@@ -43,7 +55,11 @@ class TernaryLinear(nn.Module):
         self.register_buffer("packed", torch.zeros(*shape, dtype=torch.uint8, device=device))
         self.register_buffer("alpha", torch.zeros(out_features, nb, dtype=torch.float16, device=device))
         self.register_buffer("mu", torch.zeros(out_features, nb, dtype=torch.float16, device=device))
-        self.register_buffer("perm", torch.arange(in_features, device=device).to(perm_dtype(in_features)))
+        if perm_packed:  # a format-3 checkpoint's bit stream, until upgrade_packing()
+            perm = torch.zeros(perm_storage_bytes(in_features), dtype=torch.uint8, device=device)
+        else:
+            perm = torch.arange(in_features, device=device).to(perm_dtype(in_features))
+        self.register_buffer("perm", perm)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
         else:
@@ -85,25 +101,48 @@ class TernaryLinear(nn.Module):
         w[:, self.perm.long()] = wp
         return w
 
+    @property
+    def perm_packed(self) -> bool:
+        """Whether `perm` still holds a saved folder's bit stream (format 3, before upgrade_packing)."""
+        return self.perm.dtype == torch.uint8
+
     def upgrade_packing(self) -> None:
-        """Repack format-1 codes (5 trits a byte along a row) into format 2 (5 rows a byte)."""
+        """Bring what an older or saved layout loaded to the run-time one: repack format-1
+        codes (5 trits a byte along a row) into format 2 (5 rows a byte), and unpack a
+        format-3 column order (bit stream) into int16/int32 indices."""
         if self.packing == 1:
             codes = pack.unpack_trits(self.packed, self.in_features)
             self.packed = pack.pack_trit_rows(codes).to(self.packed.device)
             self.packing = 2
+        if self.perm_packed:
+            self.perm = pack.unpack_perm(self.perm, self.in_features).to(self.perm.device, perm_dtype(self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm_packed:
+            raise RuntimeError("TernaryLinear.perm still holds the saved bit stream: call upgrade_packing() "
+                               "(checkpoint.upgrade_linears) after loading the state")
         if self.input_transform is not None:  # online Hadamard (rotated models): x Q, weight stored as W Q
             x = self.input_transform(x)
         if x.is_cuda and self.packing == 2 and kernels.triton_supported(x, self.block_size):
             from .kernels import triton_ternary
             return triton_ternary.linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
-                                         self.out_features, self.block_size)
+                                         self.out_features, self.block_size,
+                                         inv_perm=self._inverse_perm(triton_ternary.inverse_perm))
         return kernels.linear(x, self.weight_permuted(x.dtype), self.perm, self.bias)
 
+    def _inverse_perm(self, invert) -> torch.Tensor:
+        """perm's inverse (for the prefill kernel), computed once per perm tensor and device;
+        a plain attribute, not state."""
+        key = (self.perm.data_ptr(), self.perm._version, self.perm.device)
+        if getattr(self, "_inv_perm_key", None) != key:
+            self._inv_perm, self._inv_perm_key = invert(self.perm), key
+        return self._inv_perm
+
     def storage_bytes(self) -> int:
-        """Bytes of the quantized weight: codes, alpha, mu and column order (not the bias)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.alpha, self.mu, self.perm))
+        """Bytes of the quantized weight in a saved folder (format 3): codes, alpha, mu and
+        the packed column order (not the bias, nor an online transform's signs)."""
+        return (sum(t.numel() * t.element_size() for t in (self.packed, self.alpha, self.mu))
+                + perm_storage_bytes(self.in_features))
 
     def extra_repr(self) -> str:
         kind = "ternary" if self.bits is None else f"uint{self.bits}"

@@ -7,6 +7,10 @@ Format 2 (`pack_trit_rows`): five ROWS to a byte, so that every stored column, a
 k, as q = ceil(256 v / 243) with v = sum_i (trit_i + 1) 3^(4-i). Digit i then comes back
 by multiplications alone, d_i = (3 * (q * 3^i mod 256)) >> 8, which a GPU does on two
 bytes at once in the 16-bit halves of a 32-bit word (see kernels/triton_ternary.py).
+
+Format 3 also stores a layer's column order and its online-transform signs in a saved
+folder as bit streams (`pack_perm`, `pack_signs`); at run time they are plain integer
+tensors again (`unpack_perm`, `unpack_signs`).
 """
 from __future__ import annotations
 
@@ -93,3 +97,77 @@ def unpack_trit_rows(b: torch.Tensor, rows: int) -> torch.Tensor:
     g, k = b.shape
     t = _ROWS_LUT.to(b.device)[b.long()]  # [G, K, 5]
     return t.permute(0, 2, 1).reshape(g * TRITS_PER_BYTE, k)[:rows]
+
+
+def pack_uints(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers [..., L] below 2^bits (any bits up to 62) -> uint8
+    [..., ceil(L * bits / 8)]: the same little-endian bit stream as `pack_bits`, computed in
+    int64 so that values wider than a byte (column indices) fit."""
+    if not 1 <= bits <= 62:
+        raise ValueError(f"bits must be in 1..62, got {bits}")
+    v = values.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >> bits):
+        raise ValueError(f"values outside [0, 2^{bits}) cannot be packed at {bits} bits each")
+    lead, n = v.shape[:-1], v.shape[-1]
+    nbytes = packed_bits_width(n, bits)
+    shifts = torch.arange(bits, device=v.device, dtype=torch.int64)
+    stream = ((v.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(*lead, n * bits)
+    if nbytes * 8 > n * bits:
+        stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
+    place = 1 << torch.arange(8, device=v.device, dtype=torch.int32)
+    return (stream.reshape(*lead, nbytes, 8).to(torch.int32) * place).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_uints(b: torch.Tensor, length: int, bits: int) -> torch.Tensor:
+    """uint8 [..., B] (from `pack_uints`) -> int64 [..., length]."""
+    if b.shape[-1] < packed_bits_width(length, bits):
+        raise ValueError(f"{b.shape[-1]} bytes cannot hold {length} values of {bits} bits")
+    lead = b.shape[:-1]
+    shifts = torch.arange(8, device=b.device, dtype=torch.int32)
+    stream = ((b.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, b.shape[-1] * 8)
+    stream = stream[..., : length * bits].reshape(*lead, length, bits).to(torch.int64)
+    return (stream << torch.arange(bits, device=b.device, dtype=torch.int64)).sum(dim=-1)
+
+
+def index_bits(n: int) -> int:
+    """Bits per entry of a stored column order of n entries (values 0..n-1):
+    max(1, ceil(log2 n))."""
+    return max(1, (int(n) - 1).bit_length())
+
+
+def packed_perm_width(n: int) -> int:
+    """Bytes of a packed column order of n entries (format 3)."""
+    return packed_bits_width(n, index_bits(n))
+
+
+def pack_perm(perm: torch.Tensor) -> torch.Tensor:
+    """A column order (a permutation of 0..n-1, any integer dtype) [n] -> uint8
+    [ceil(n * index_bits(n) / 8)], entry j in bits j*w .. j*w+w-1 of the stream."""
+    n = perm.shape[-1]
+    return pack_uints(perm, index_bits(n))
+
+
+def unpack_perm(b: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 bit stream (from `pack_perm`) -> int64 [n]; refuses one that is not a
+    permutation of 0..n-1 (a damaged or mismatched tensor)."""
+    if b.dim() != 1 or b.shape[0] != packed_perm_width(n):
+        raise ValueError(f"a packed column order of {n} entries has {packed_perm_width(n)} bytes, "
+                         f"got shape {tuple(b.shape)}")
+    p = unpack_uints(b, n, index_bits(n))
+    if int(p.max()) >= n or not bool((torch.bincount(p, minlength=n) == 1).all()):
+        raise ValueError(f"the packed column order is not a permutation of 0..{n - 1}")
+    return p
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """±1 signs [n] -> uint8 [ceil(n / 8)], bit i set where signs[i] is negative."""
+    if signs.numel() and not bool((signs.abs() == 1).all()):
+        raise ValueError("signs must all be +1 or -1")
+    return pack_uints(signs < 0, 1)
+
+
+def unpack_signs(b: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 [ceil(n / 8)] (from `pack_signs`) -> int8 [n] of ±1."""
+    if b.dim() != 1 or b.shape[0] != packed_bits_width(n, 1):
+        raise ValueError(f"{n} packed signs take {packed_bits_width(n, 1)} bytes, got shape {tuple(b.shape)}")
+    return (1 - 2 * unpack_uints(b, n, 1)).to(torch.int8)

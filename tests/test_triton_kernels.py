@@ -21,6 +21,30 @@ SHAPES = [(40, 256), (37, 300), (13, 100)] + ([(4100, 4096), (1000, 1408)] if CU
 MS = [1, 2, 7, 16, 128, 2048]
 
 
+@pytest.fixture
+def bf16_dot(monkeypatch):
+    """The interpreter keeps bf16 as its raw 16-bit patterns (uint16) and its dot multiplies
+    those as integers; have it widen bf16 tiles to fp32 first, as the GPU does. CUDA: as is."""
+    if CUDA:
+        return
+    from triton.runtime.interpreter import InterpreterBuilder
+    tl = triton.language
+    dot = InterpreterBuilder.create_dot
+
+    def widened(self, a, b, d, *args):
+        a, b = (self.cast_impl(t, tl.float32) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return dot(self, a, b, d, *args)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", widened)
+
+
+def _to_bf16(w):
+    """fp32 -> bf16 as the kernel's store rounds: to nearest on CUDA; the interpreter truncates."""
+    if CUDA:
+        return w.to(torch.bfloat16)
+    return (w.contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
 def _layer(out_f, in_f, gen, bias=True, block=128):
     mod = TernaryLinear(in_f, out_f, bias, block_size=block)
     codes = torch.randint(-1, 2, (out_f, in_f), generator=gen)
@@ -54,13 +78,28 @@ def test_kernels_match_reference(out_f, in_f, m, gen):
     exact, ref = _reference(mod, x)
     # the reference path itself sits within fp16 rounding of the exact product
     assert _rel(ref, exact) < 2e-3
-    for path in ["fused", "prefill"]:
-        y = torch.full((m, out_f), float("nan"), device=DEV, dtype=torch.float16)
-        y = tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, out_f, 128, path=path)
+    # prefill: with perm's inverse computed inside, and given (int32, as a caller may cache it)
+    inv = tt.inverse_perm(mod.perm).to(torch.int32)
+    for path, inv_perm in [("fused", None), ("prefill", None), ("prefill", inv)]:
+        y = tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, out_f, 128, path=path,
+                      inv_perm=inv_perm)
         assert y.shape == (m, out_f) and y.dtype == torch.float16
         assert torch.isfinite(y).all()
         assert _rel(y, exact) < 2e-3, path
         torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("out_f,in_f", [(37, 300), (13, 100)])
+def test_bf16(out_f, in_f, gen, bf16_dot):
+    mod = _layer(out_f, in_f, gen)
+    for m in [1, 7, 16, 128]:
+        x = torch.randn(m, in_f, generator=gen).to(DEV, torch.bfloat16)
+        exact, _ = _reference(mod, x)
+        for path, inv_perm in [("fused", None), ("prefill", None), ("prefill", tt.inverse_perm(mod.perm))]:
+            y = tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, out_f, 128, path=path,
+                          inv_perm=inv_perm)
+            assert y.shape == (m, out_f) and y.dtype == torch.bfloat16
+            assert _rel(y, exact) < 1.5e-2, (m, path)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
@@ -81,14 +120,46 @@ def test_other_block_sizes(block, gen):
         assert _rel(tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, 21, block, path=path), exact) < 2e-3
 
 
-def test_dequantize_is_exactly_the_reference_weight(gen):
-    mod = _layer(23, 300, gen)
-    for dtype in [torch.float16] + ([torch.bfloat16] if CUDA else []):  # the interpreter has no bf16 dot
-        w = tt.dequantize(mod.packed, mod.alpha, mod.mu, 23, 128, dtype)
+@pytest.mark.parametrize("in_f", [300, 40])  # 40: one block, shorter than 128
+@pytest.mark.parametrize("tile", [dict(block_g=8, warps=2), dict(block_g=16, warps=4)])
+def test_dequantize_is_exactly_the_reference_weight(in_f, tile, gen):
+    mod = _layer(23, in_f, gen)
+    ref = mod.weight_permuted(torch.float32)
+    for dtype in [torch.float16, torch.bfloat16]:
+        w = tt.dequantize(mod.packed, mod.alpha, mod.mu, 23, 128, dtype, **tile)
         # alpha * code + mu rounded once (fp16: the reference's own arithmetic gives the same)
-        assert torch.equal(w, mod.weight_permuted(torch.float32).to(dtype))
+        assert torch.equal(w, ref.to(dtype) if dtype == torch.float16 else _to_bf16(ref))
         if dtype == torch.float16:
             assert torch.equal(w, mod.weight_permuted(dtype))
+
+
+@pytest.mark.parametrize("in_f,block", [(300, 128), (256, 128), (40, 128), (200, 32)])
+@pytest.mark.parametrize("tile", [dict(block_c=64, warps=2), dict(block_c=256, warps=4), dict(block_c=1024, warps=4)])
+def test_dequantize_original_is_the_stored_weight_with_columns_put_back(in_f, block, tile, gen):
+    mod = _layer(23, in_f, gen, block=block)  # a random perm
+    inv = tt.inverse_perm(mod.perm)
+    for dtype in [torch.float16, torch.bfloat16]:
+        stored = tt.dequantize(mod.packed, mod.alpha, mod.mu, 23, block, dtype)
+        want = torch.full_like(stored, float("nan"))
+        want[:, mod.perm.long()] = stored
+        for inv_perm in [inv, inv.to(torch.int32)]:
+            w = tt.dequantize_original(mod.packed, mod.alpha, mod.mu, inv_perm, 23, block, dtype, **tile)
+            assert torch.equal(w, want), (dtype, inv_perm.dtype)
+        if dtype == torch.float16:
+            assert torch.equal(w, mod.dequantize(torch.float32).to(dtype))  # TernaryLinear's own
+        # the identity order gives the stored weight itself
+        ident = torch.arange(in_f, device=DEV)
+        assert torch.equal(tt.dequantize_original(mod.packed, mod.alpha, mod.mu, ident, 23, block, dtype, **tile),
+                           stored)
+
+
+def test_prefill_wider_than_the_original_order_kernel_takes(gen, monkeypatch):
+    """Past MAX_ORIGINAL_K prefill dequantizes in stored order and gathers the activations."""
+    monkeypatch.setattr(tt, "MAX_ORIGINAL_K", 128)
+    mod = _layer(37, 300, gen)
+    x = torch.randn(20, 300, generator=gen).to(DEV, torch.float16)
+    exact, _ = _reference(mod, x)
+    assert _rel(tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, 37, 128, path="prefill"), exact) < 2e-3
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter's dot is wrong for bf16")
@@ -103,10 +174,11 @@ def test_bf16_and_module_dispatch(gen):
             assert _rel(y, exact) < (2e-3 if dtype == torch.float16 else 1.5e-2)
 
 
-def test_every_byte_value_decodes_like_the_lookup_table():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_byte_value_decodes_like_the_lookup_table(dtype):
     """All 256 byte values in every position of a pair, through the kernel's decoder."""
     b = torch.arange(256, dtype=torch.uint8).reshape(1, 256).repeat(2, 1)
     b[1] = b[1].flip(0)
     ones = torch.ones(10, 2, dtype=torch.float16)
-    w = tt.dequantize(b.to(DEV), ones.to(DEV), torch.zeros_like(ones).to(DEV), 10, 128)
-    assert torch.equal(w.cpu(), pack.unpack_trit_rows(b, 10).to(torch.float16))
+    w = tt.dequantize(b.to(DEV), ones.to(DEV), torch.zeros_like(ones).to(DEV), 10, 128, dtype)
+    assert torch.equal(w.cpu(), pack.unpack_trit_rows(b, 10).to(dtype))

@@ -50,3 +50,30 @@ def quantize_killed_after_first_layer(args, out):
     p = subprocess.run([sys.executable, "-m", "pt2llm", *args, "--out", str(out)], env=env,
                        capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+def as_format_2(src, dst):
+    """Copy a pt2llm folder rewritten the way format 2 stored it: every column order as
+    int16/int32 [in], every online transform's signs as int8 ±1 [in] (format 3 packs them)."""
+    import json
+    import shutil
+
+    from pt2llm import checkpoint, pack
+    from pt2llm.nn import perm_dtype
+
+    shutil.copytree(src, dst)
+    st = {k: v.clone() for k, v in checkpoint.read_safetensors(dst / "model.safetensors").items()}
+    cfg = json.loads((dst / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["format_version"] == 3
+    for name in qc["modules"]:
+        n = st[f"{name}.packed"].shape[1]  # ternary codes: [ceil(out/5), in]
+        st[f"{name}.perm"] = pack.unpack_perm(st[f"{name}.perm"], n).to(perm_dtype(n))
+    for name in (cfg.get("pt2llm_rotation") or {}).get("online", []):
+        b = st[f"{name}.input_transform.signs"]
+        n = st[f"{name}.packed"].shape[1]
+        st[f"{name}.input_transform.signs"] = pack.unpack_signs(b, n)
+    qc["format_version"] = 2
+    (dst / "config.json").write_text(json.dumps(cfg))
+    checkpoint.write_safetensors(dst / "model.safetensors", st, {"format": "pt", "pt2llm_format_version": "2"})
+    return dst

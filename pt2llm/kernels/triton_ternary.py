@@ -10,16 +10,37 @@ block's bytes are decoded in registers, the bytes of columns 2j and 2j+1 side by
 the 16-bit halves of an int32, so that one multiply and two masks give each digit's two
 weights as an fp16 pair, 1 + d/4 with d = code + 1, the operand a tensor-core dot takes
 as is: sum_k code x = 4 dot - 5 sum_k x. The block's alpha and mu are applied once per row
-and block. The activations are gathered through `perm` as they are loaded.
+and block. The activations are gathered through `perm` as they are loaded. (Pairing
+columns j and j + 64 instead, which needs no reshape/split/join, was tried and measured
+slower on an H100, 2026-11-22: fused 11008x4096 M=1 24.8 vs 20.8 us, 28672x8192 M=1 130.1
+vs 104.8 us; dequantize no faster, all within 5%.)
 
 The decoding (fp16), per 16-bit half, with q the byte: state S = y + 0x1400 with y = q 3^i
 mod 256 (S = q + 0x1400 for digit 0). Z = 3 S = 3y + 0x3C00 holds d_i in bits 8-9 above
 the fp16 exponent of 1.0 (0x3C00), so Z & 0x3F00 is the fp16 number 1 + d_i/4, and
 Z & 0x14FF = (3y mod 256) + 0x1400 is the next digit's state: an IMAD and two LOP3s for
 two weights, each with a single immediate. bf16 (7 mantissa bits) shifts and masks instead.
+Any two bytes can share an int32: the pairing only has to be undone when storing.
 
-`dequantize` writes the fp16 weight in stored column order; for large M (prefill) it and
-one cuBLAS matmul on the gathered activations beat the fused kernel (docs/results/kernels.md).
+For large M (`prefill`) the weight is dequantized to a scratch tensor and one cuBLAS
+matmul follows (docs/results/kernels.md). Two dequantize kernels:
+- `dequantize`: columns in stored order; a program takes BLOCK_G packed rows and one block,
+  so alpha and mu are one value per weight row.
+- `dequantize_original` (what prefill uses): columns in the ORIGINAL order, w[:, c] =
+  stored column inv_perm[c], so that prefill needs no gather of the activations (torch's
+  x[:, perm] took 31 / 143 / 92 us at M = 2048, K = 4096 / 11008 / 8192: up to 60% of the
+  fp16 matmul). A program takes one packed row (5 weight rows) and walks all columns,
+  BLOCK_C at a time; its stores are whole rows of the tile, coalesced. The reads are
+  gathers: the bytes at the stored columns inv_perm[c] and alpha, mu at their blocks
+  inv_perm[c] // BLOCK. Gathered from device memory (through L1) they made the kernel
+  1.2x to 1.9x slower than `dequantize` (H100, 2026-11-22, best tiles); so the packed row
+  is loaded once, coalesced, 4 bytes a word, and gathered from on chip (tl.gather, through
+  shared memory), as are the rows' alpha and mu. Measured then (BLOCK_C 1024, 8 warps)
+  against `dequantize`: 47 vs 39 us (11008x4096), 59 vs 41 (4096x11008), 210 vs 213-250
+  (28672x8192), 342 vs 241 (8192x28672); prefill at M = 2048, fp16 time over ours, went
+  from 0.56-0.79x (docs/results/kernels.md) to 0.70-0.84x.
+  The row takes K bytes of shared memory (rounded up to a power of two): wider layers
+  (K > MAX_ORIGINAL_K) dequantize in stored order and gather the activations instead.
 
 All of it also runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1), which
 is how CI checks it.
@@ -37,12 +58,10 @@ FP16_WEIGHT = tl.constexpr(0x3F003F00)  # 1.0's exponent and d: the fp16 number 
 
 
 @triton.jit
-def _state(p_ptr, rg, k, K, G, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
-    """Packed bytes [BLOCK_G, BLOCK] -> int32 [BLOCK_G, BLOCK // 2]: columns 2j and 2j+1 in
-    the low and high halves, as digit 0's state (times 3: Z)."""
-    mask = (rg[:, None] < G) & (k[None, :] < K)
-    b = tl.load(p_ptr + rg[:, None].to(tl.int64) * K + k[None, :], mask=mask, other=0)
-    even, odd = tl.split(tl.reshape(b, (BLOCK_G, BLOCK // 2, 2)))
+def _state(b, R: tl.constexpr, C: tl.constexpr, BF16: tl.constexpr):
+    """Packed bytes [R, C] -> int32 [R, C // 2]: the bytes of tile columns 2j and 2j+1 in the
+    low and high halves, as digit 0's state (times 3: Z)."""
+    even, odd = tl.split(tl.reshape(b, (R, C // 2, 2)))
     pair = even.to(tl.int32) | (odd.to(tl.int32) << 16)
     if not BF16:
         pair = pair | FP16_STATE
@@ -50,8 +69,8 @@ def _state(p_ptr, rg, k, K, G, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BF16:
 
 
 @triton.jit
-def _weights(z, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
-    """Digit i's weights 1 + d/4 [BLOCK_G, BLOCK] from Z, and the next digit's Z."""
+def _weights(z, R: tl.constexpr, C: tl.constexpr, BF16: tl.constexpr):
+    """Digit i's weights 1 + d/4 [R, C] (fp16 or bf16) from Z, and the next digit's Z."""
     if BF16:
         h = ((z >> 3) & 0x00600060) | 0x3F803F80  # bf16 1.0 is 0x3F80; d to bits 5-6
         z = (z & 0x00FF00FF) * 3
@@ -61,8 +80,8 @@ def _weights(z, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
         z = (z & FP16_KEEP) * 3
         dt: tl.constexpr = tl.float16
     lo = (h & 0xFFFF).to(tl.uint16).to(dt, bitcast=True)
-    hi = (h >> 16).to(tl.uint16).to(dt, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (BLOCK_G, BLOCK)), z
+    hi = (h >> 16).to(tl.uint16).to(dt, bitcast=True)  # h >= 0: the shift brings in zeros
+    return tl.reshape(tl.join(lo, hi), (R, C)), z
 
 
 @triton.jit
@@ -111,7 +130,9 @@ def _matmul_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, b_ptr, out_ptr,
         xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None],
                      mask=(k[:, None] < K) & (rm[None, :] < M), other=0.0)  # [BLOCK, BLOCK_M]
         s = tl.sum(xt.to(tl.float32), axis=0)
-        z = _state(p_ptr, rg, k, K, G, BLOCK_G, BLOCK, BF16)
+        b = tl.load(p_ptr + rg[:, None].to(tl.int64) * K + k[None, :],
+                    mask=(rg[:, None] < G) & (k[None, :] < K), other=0)
+        z = _state(b, BLOCK_G, BLOCK, BF16)
         acc0, z = _digit(acc0, z, xt, s, a_ptr, m_ptr, rg, blk, N, NB, 0, BLOCK_G, BLOCK, BF16)
         acc1, z = _digit(acc1, z, xt, s, a_ptr, m_ptr, rg, blk, N, NB, 1, BLOCK_G, BLOCK, BF16)
         acc2, z = _digit(acc2, z, xt, s, a_ptr, m_ptr, rg, blk, N, NB, 2, BLOCK_G, BLOCK, BF16)
@@ -140,10 +161,13 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS, HAS_BIAS: tl.con
 @triton.jit
 def _dequant_kernel(p_ptr, a_ptr, m_ptr, w_ptr, N, K, G, NB,
                     BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BF16: tl.constexpr):
+    """W[n, k] = alpha * code + mu, stored column order: BLOCK_G packed rows (5 BLOCK_G weight
+    rows) and block blk's columns."""
     rg = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     blk = tl.program_id(1)
     k = blk * BLOCK + tl.arange(0, BLOCK)
-    z = _state(p_ptr, rg, k, K, G, BLOCK_G, BLOCK, BF16)
+    b = tl.load(p_ptr + rg[:, None].to(tl.int64) * K + k[None, :], mask=(rg[:, None] < G) & (k[None, :] < K), other=0)
+    z = _state(b, BLOCK_G, BLOCK, BF16)
     for i in tl.static_range(5):
         w, z = _weights(z, BLOCK_G, BLOCK, BF16)
         n = rg * 5 + i
@@ -154,23 +178,65 @@ def _dequant_kernel(p_ptr, a_ptr, m_ptr, w_ptr, N, K, G, NB,
                  mask=(n[:, None] < N) & (k[None, :] < K))
 
 
+@triton.jit
+def _dequant_original_kernel(p_ptr, a_ptr, m_ptr, inv_ptr, w_ptr, N, K, NB,
+                             BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr,
+                             NBP: tl.constexpr, BF16: tl.constexpr):
+    """W[n, c] = alpha * code + mu, original column order, for packed row g (weight rows 5g to
+    5g + 4) and all columns, BLOCK_C at a time: column c is stored column s = inv_perm[c].
+    The packed row (K bytes, KP = K rounded up to a power of two) is loaded once, coalesced,
+    and the bytes at s taken from it in the chip (tl.gather: through shared memory), as are
+    each row's alpha and mu at block s // BLOCK (NBP >= NB)."""
+    g = tl.program_id(0)
+    kk = tl.arange(0, KP)
+    row = tl.load(p_ptr + g.to(tl.int64) * K + kk, mask=kk < K, other=0).to(tl.int32)
+    # 4 bytes a word (bytes in registers take a register each): word j holds bytes 4j to 4j + 3
+    even, odd = tl.split(tl.reshape(row, (KP // 4, 2, 2)))  # [j, a]: bytes 4j + 2a, 4j + 2a + 1
+    b0, b2 = tl.split(even)
+    b1, b3 = tl.split(odd)
+    words = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+    nb = tl.arange(0, NBP)
+    for c0 in range(0, K, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        s = tl.load(inv_ptr + c, mask=c < K, other=0).to(tl.int32)
+        blk = s // BLOCK
+        b = (tl.gather(words, s >> 2, 0) >> ((s & 3) * 8)) & 0xFF
+        z = _state(tl.reshape(b, (1, BLOCK_C)), 1, BLOCK_C, BF16)
+        for i in tl.static_range(5):
+            w, z = _weights(z, 1, BLOCK_C, BF16)
+            n = g * 5 + i
+            na = tl.minimum(n, N - 1).to(tl.int64)  # rows past N (the last byte's): not stored
+            arow = tl.load(a_ptr + na * NB + nb, mask=nb < NB, other=0)
+            mrow = tl.load(m_ptr + na * NB + nb, mask=nb < NB, other=0)
+            alpha = tl.gather(arow, blk, 0).to(tl.float32)[None, :]
+            mu = tl.gather(mrow, blk, 0).to(tl.float32)[None, :]
+            v = alpha * (4 * w.to(tl.float32) - 5) + mu
+            tl.store(w_ptr + n.to(tl.int64) * K + c[None, :], v.to(w_ptr.dtype.element_ty),
+                     mask=c[None, :] < tl.where(n < N, K, 0))  # not (n < N) & ...: the interpreter fails
+
+
 def supported(x: torch.Tensor, block_size: int) -> bool:
     """Shapes and dtypes these kernels take; anything else goes to the reference path."""
     return (x.dtype in (torch.float16, torch.bfloat16) and block_size in (32, 64, 128, 256)
             and x.shape[-1] > 0)
 
 
-# Launch settings: the fused kernel's packed rows per program, warps, pipeline stages, and
-# the number of programs split-K aims at; the dequantize kernel's rows per program. Found
-# on an H100 by benchmarks/kernels.py --sweep, which may override them.
+# Launch settings, found on an H100 by benchmarks/kernels.py --sweep (which may override
+# them; benchmarks/e2e.py --tuning reads a saved set): the fused kernel's packed rows per
+# program, warps, pipeline stages and the number of programs split-K aims at; the stored-
+# order dequantize kernel's packed rows per program and warps; the original-order one's
+# columns per step and warps. Keys these functions do not read (an older file's "variant",
+# "blocks") are ignored; a file without "dequant_original" leaves this default.
 TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264),
-          "dequant": dict(block_g=8, warps=4),
+          "dequant": dict(block_g=8, warps=2),
+          "dequant_original": dict(block_c=1024, warps=8),
           "prefill_from_m": 17}
+MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
 
 
 def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int, **over) -> torch.Tensor:
-    """The fused kernel: x2 [M, K] contiguous rows -> [M, n_out]; `over` overrides TUNING's
-    settings (and may fix `splits`)."""
+    """The fused kernel: x2 [M, K] contiguous rows -> [M, n_out]; `over` overrides
+    TUNING["fused"]'s settings (block_g, warps, stages, programs) and may fix `splits`."""
     M, K = x2.shape
     G, NB = packed.shape[0], alpha.shape[1]
     cfg = {**TUNING["fused"], **over}
@@ -195,7 +261,8 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_si
 
 
 def dequantize(packed, alpha, mu, n_out: int, block_size: int, dtype=torch.float16, **over) -> torch.Tensor:
-    """alpha * code + mu as [n_out, K] in `dtype`, columns in stored order."""
+    """alpha * code + mu as [n_out, K] in `dtype`, columns in stored order; `over` overrides
+    TUNING["dequant"]'s settings (block_g, warps)."""
     G, K = packed.shape
     NB = alpha.shape[1]
     cfg = {**TUNING["dequant"], **over}
@@ -206,17 +273,46 @@ def dequantize(packed, alpha, mu, n_out: int, block_size: int, dtype=torch.float
     return w
 
 
-def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int) -> torch.Tensor:
-    """Dequantize to a scratch weight, then one cuBLAS matmul on the gathered activations."""
-    w = dequantize(packed, alpha, mu, n_out, block_size, x2.dtype)
-    xp = x2.index_select(1, perm.to(torch.long)) if perm.numel() else x2
-    return F.linear(xp, w, None if bias is None else bias.to(x2.dtype))
+def dequantize_original(packed, alpha, mu, inv_perm, n_out: int, block_size: int, dtype=torch.float16,
+                        **over) -> torch.Tensor:
+    """alpha * code + mu as [n_out, K] in `dtype`, columns in the ORIGINAL order: column c is
+    stored column inv_perm[c] (inv_perm [K] int32/int64, inv_perm[perm[k]] = k), so that
+    x @ W^T = x[:, perm] @ W_stored^T; K <= MAX_ORIGINAL_K. `over` overrides
+    TUNING["dequant_original"]'s settings (block_c: a power of two >= 2, warps)."""
+    G, K = packed.shape
+    NB = alpha.shape[1]
+    cfg = {**TUNING["dequant_original"], **over}
+    w = torch.empty(n_out, K, device=packed.device, dtype=dtype)
+    _dequant_original_kernel[(G,)](
+        packed, alpha, mu, inv_perm, w, n_out, K, NB, BLOCK=block_size, BLOCK_C=cfg["block_c"],
+        KP=max(4, triton.next_power_of_2(K)), NBP=triton.next_power_of_2(NB), BF16=dtype == torch.bfloat16,
+        num_warps=cfg["warps"])
+    return w
+
+
+def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
+    """inv_perm with inv_perm[perm[k]] = k (int64), what prefill and linear take."""
+    return torch.argsort(perm)
+
+
+def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int, inv_perm=None) -> torch.Tensor:
+    """Dequantize to a scratch weight in the original column order, then one cuBLAS matmul on
+    x2 as it is. inv_perm: the inverse of perm (see inverse_perm), computed here if None."""
+    if perm.numel() and x2.shape[1] <= MAX_ORIGINAL_K:
+        inv = inverse_perm(perm) if inv_perm is None else inv_perm
+        w = dequantize_original(packed, alpha, mu, inv, n_out, block_size, x2.dtype)
+    else:  # stored order, and the activations gathered to match (no perm: nothing to gather)
+        w = dequantize(packed, alpha, mu, n_out, block_size, x2.dtype)
+        if perm.numel():
+            x2 = x2.index_select(1, perm.to(torch.long))
+    return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
-           path: str | None = None) -> torch.Tensor:
+           path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
-    path: "fused" or "prefill"; by default fused below TUNING["prefill_from_m"] rows."""
+    path: "fused" or "prefill"; by default fused below TUNING["prefill_from_m"] rows.
+    inv_perm: perm's inverse (inverse_perm(perm)), for prefill; computed there when None."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -224,5 +320,8 @@ def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_siz
     if path is None:
         path = "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
     bias = None if bias is None else bias.to(x.dtype)
-    fn = matmul if path == "fused" else prefill
-    return fn(x2, packed, alpha, mu, perm, bias, n_out, block_size).reshape(*lead, n_out)
+    if path == "fused":
+        y = matmul(x2, packed, alpha, mu, perm, bias, n_out, block_size)
+    else:
+        y = prefill(x2, packed, alpha, mu, perm, bias, n_out, block_size, inv_perm)
+    return y.reshape(*lead, n_out)

@@ -4,8 +4,9 @@ unchanged while the weight and its input are incoherent. QuaRot puts one on down
 input, which the residual rotation cannot reach.
 
 `hadamard_input(x, signs)` is the whole computation (a Triton path can call it or replace
-it); `OnlineHadamard` holds the signs (int8 buffer, saved with the model); the small dense
-factor is rebuilt from the width (`hadamard.factor`), so nothing else is stored.
+it); `OnlineHadamard` holds the signs (int8 buffer of ±1, saved with the model: a pt2llm
+folder of format 3 stores them one bit each, pack.pack_signs); the small dense factor is
+rebuilt from the width (`hadamard.factor`), so nothing else is stored.
 `install(model, record)` rebuilds the transforms a saved folder records in its config
 (key `pt2llm_rotation`, list "online": module names).
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import pack
 from . import hadamard
 
 CONFIG_KEY = "pt2llm_rotation"
@@ -28,10 +30,17 @@ def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 
 
 class OnlineHadamard(nn.Module):
-    """x -> x diag(signs) K_n, n = len(signs)."""
+    """x -> x diag(signs) K_n, n = len(signs). packed=True: an empty shell whose `signs` has
+    a format-3 folder's layout (uint8 [ceil(n/8)], a bit each) until `unpack()`."""
 
-    def __init__(self, n: int, signs: torch.Tensor | None = None, device=None):
+    def __init__(self, n: int, signs: torch.Tensor | None = None, device=None, packed: bool = False):
         super().__init__()
+        self.n = n
+        if packed:
+            if signs is not None:
+                raise ValueError("a packed shell takes no signs: they are loaded into it")
+            self.register_buffer("signs", torch.zeros(pack.packed_bits_width(n, 1), dtype=torch.uint8, device=device))
+            return
         if signs is None:
             signs = torch.ones(n, dtype=torch.int8, device=device)
         if tuple(signs.shape) != (n,):
@@ -40,9 +49,22 @@ class OnlineHadamard(nn.Module):
 
     @property
     def size(self) -> int:
-        return self.signs.shape[0]
+        return self.n
+
+    @property
+    def packed(self) -> bool:
+        """Whether `signs` still holds a saved folder's bits (format 3, before unpack())."""
+        return self.signs.dtype == torch.uint8
+
+    def unpack(self) -> None:
+        """Loaded bits (format 3) -> int8 ±1 signs, on the same device; a no-op otherwise."""
+        if self.packed:
+            self.signs = pack.unpack_signs(self.signs, self.n).to(self.signs.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            raise RuntimeError("OnlineHadamard.signs still holds the saved bits: call unpack() "
+                               "(checkpoint.upgrade_linears) after loading the state")
         return hadamard_input(x, self.signs)
 
     def extra_repr(self) -> str:
@@ -96,13 +118,14 @@ def record_of(config) -> dict | None:
     return rec
 
 
-def install(model: nn.Module, record: dict | None = None, device=None) -> None:
+def install(model: nn.Module, record: dict | None = None, device=None, packed: bool = False) -> None:
     """Empty online transforms (their signs are loaded with the weights) on every module the
-    rotation record names; the record defaults to the one in model.config."""
+    rotation record names; the record defaults to the one in model.config. packed=True: shells
+    for a format-3 folder's one-bit signs (`OnlineHadamard.unpack` after loading)."""
     record = record if record is not None else record_of(model.config)
     if record is None:
         return
     for name in record["online"]:
         mod = model.get_submodule(name)
         if getattr(mod, "input_transform", None) is None:
-            attach(model, name, OnlineHadamard(mod.in_features, device=device))
+            attach(model, name, OnlineHadamard(mod.in_features, device=device, packed=packed))
