@@ -48,26 +48,14 @@ def packed_bits_width(length: int, bits: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """unsigned codes [..., L] in [0, 2^bits) -> uint8 [..., ceil(L * bits / 8)]."""
-    L = codes.shape[-1]
-    c = codes.to(torch.int16)
-    shifts = torch.arange(bits, device=c.device, dtype=torch.int16)
-    stream = ((c[..., None] >> shifts) & 1).reshape(*c.shape[:-1], L * bits)
-    pad = packed_bits_width(L, bits) * 8 - L * bits
-    if pad:
-        stream = torch.nn.functional.pad(stream, (0, pad))
-    stream = stream.reshape(*c.shape[:-1], packed_bits_width(L, bits), 8)
-    weights = (1 << torch.arange(8, device=c.device, dtype=torch.int16))
-    return (stream * weights).sum(dim=-1).to(torch.uint8)
+    """unsigned codes [..., L] in [0, 2^bits) -> uint8 [..., ceil(L * bits / 8)], a
+    little-endian bit stream (`pack_uints`)."""
+    return pack_uints(codes, bits)
 
 
 def unpack_bits(b: torch.Tensor, length: int, bits: int) -> torch.Tensor:
     """uint8 [..., B] -> uint8 codes [..., length]."""
-    shifts = torch.arange(8, device=b.device, dtype=torch.int16)
-    stream = ((b.to(torch.int16)[..., None] >> shifts) & 1).reshape(*b.shape[:-1], b.shape[-1] * 8)
-    stream = stream[..., : length * bits].reshape(*b.shape[:-1], length, bits)
-    weights = (1 << torch.arange(bits, device=b.device, dtype=torch.int16))
-    return (stream * weights).sum(dim=-1).to(torch.uint8)
+    return unpack_uints(b, length, bits).to(torch.uint8)
 
 
 def _rows_lut() -> torch.Tensor:
@@ -99,34 +87,39 @@ def unpack_trit_rows(b: torch.Tensor, rows: int) -> torch.Tensor:
     return t.permute(0, 2, 1).reshape(g * TRITS_PER_BYTE, k)[:rows]
 
 
+def _work_dtype(bits: int) -> torch.dtype:
+    """The narrowest signed integer type that holds values of `bits` bits (int16 up to 15)."""
+    return torch.int16 if bits <= 15 else torch.int64
+
+
 def pack_uints(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Non-negative integers [..., L] below 2^bits (any bits up to 62) -> uint8
-    [..., ceil(L * bits / 8)]: the same little-endian bit stream as `pack_bits`, computed in
-    int64 so that values wider than a byte (column indices) fit."""
+    [..., ceil(L * bits / 8)], a little-endian bit stream (codes and column indices alike),
+    computed in int16 up to 15 bits, else int64."""
     if not 1 <= bits <= 62:
         raise ValueError(f"bits must be in 1..62, got {bits}")
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >> bits):
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >> bits):
         raise ValueError(f"values outside [0, 2^{bits}) cannot be packed at {bits} bits each")
+    v = values.to(_work_dtype(bits))
     lead, n = v.shape[:-1], v.shape[-1]
     nbytes = packed_bits_width(n, bits)
-    shifts = torch.arange(bits, device=v.device, dtype=torch.int64)
+    shifts = torch.arange(bits, device=v.device, dtype=v.dtype)
     stream = ((v.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(*lead, n * bits)
     if nbytes * 8 > n * bits:
         stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
-    place = 1 << torch.arange(8, device=v.device, dtype=torch.int32)
-    return (stream.reshape(*lead, nbytes, 8).to(torch.int32) * place).sum(dim=-1).to(torch.uint8)
+    place = 1 << torch.arange(8, device=v.device, dtype=torch.int16)
+    return (stream.reshape(*lead, nbytes, 8).to(torch.int16) * place).sum(dim=-1).to(torch.uint8)
 
 
 def unpack_uints(b: torch.Tensor, length: int, bits: int) -> torch.Tensor:
-    """uint8 [..., B] (from `pack_uints`) -> int64 [..., length]."""
+    """uint8 [..., B] (from `pack_uints`) -> int64 [..., length] (uint8 for `unpack_bits`)."""
     if b.shape[-1] < packed_bits_width(length, bits):
         raise ValueError(f"{b.shape[-1]} bytes cannot hold {length} values of {bits} bits")
-    lead = b.shape[:-1]
-    shifts = torch.arange(8, device=b.device, dtype=torch.int32)
-    stream = ((b.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, b.shape[-1] * 8)
-    stream = stream[..., : length * bits].reshape(*lead, length, bits).to(torch.int64)
-    return (stream << torch.arange(bits, device=b.device, dtype=torch.int64)).sum(dim=-1)
+    lead, dt = b.shape[:-1], _work_dtype(bits)
+    shifts = torch.arange(8, device=b.device, dtype=torch.int16)
+    stream = ((b.to(torch.int16).unsqueeze(-1) >> shifts) & 1).reshape(*lead, b.shape[-1] * 8)
+    stream = stream[..., : length * bits].reshape(*lead, length, bits).to(dt)
+    return (stream << torch.arange(bits, device=b.device, dtype=dt)).sum(dim=-1).to(torch.int64)
 
 
 def index_bits(n: int) -> int:

@@ -48,17 +48,19 @@ def test_float_target_is_w_when_the_streams_agree_even_damped():
     torch.testing.assert_close(float_target(W.float(), acc.H, acc.D, percdamp=0.01), W.float(), rtol=0, atol=0)
 
 
+def _quantized(d, target: str):
+    """The tiny test model in d, quantized in memory with QuantConfig(target=target)."""
+    model, tok, _ = sources.load_float(str(d / "float"))
+    calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
+    driver.quantize_model(model, calib, driver.QuantConfig(target=target), progress=False)
+    return model
+
+
 def test_driver_target_float(tiny):
     """Layer 0's first group sees the same inputs on both streams, so its codes equal the
     default run's; the float stream then makes later linears differ; the config is recorded."""
-    kind, d = tiny
-    runs = {}
-    for target in ("quantized", "float"):
-        model, tok, _ = sources.load_float(str(d / "float"))
-        calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
-        driver.quantize_model(model, calib, driver.QuantConfig(target=target), progress=False)
-        runs[target] = model
-    a, b = (runs[t].model.layers for t in ("quantized", "float"))
+    _, d = tiny
+    a, b = (_quantized(d, t).model.layers for t in ("quantized", "float"))
     for n in ("q_proj", "k_proj", "v_proj"):
         assert torch.equal(getattr(a[0].self_attn, n).packed, getattr(b[0].self_attn, n).packed), n
     assert not torch.equal(a[1].mlp.down_proj.packed, b[1].mlp.down_proj.packed)
@@ -109,14 +111,8 @@ def test_drift_target_is_the_least_squares_fit_of_the_float_outputs_plus_the_dri
 def test_driver_target_residual(tiny):
     """Layer 0 starts from the same stream in both models, so q/k/v/o (no drift yet before
     o_proj) equal the float target's; down_proj then also cancels the drift o_proj left."""
-    kind, d = tiny
-    runs = {}
-    for target in ("float", "residual"):
-        model, tok, _ = sources.load_float(str(d / "float"))
-        calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
-        driver.quantize_model(model, calib, driver.QuantConfig(target=target), progress=False)
-        runs[target] = model.model.layers[0]
-    a, b = runs["float"], runs["residual"]
+    _, d = tiny
+    a, b = (_quantized(d, t).model.layers[0] for t in ("float", "residual"))
     for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert torch.equal(getattr(a.self_attn, n).packed, getattr(b.self_attn, n).packed), n
     assert not torch.equal(a.mlp.down_proj.packed, b.mlp.down_proj.packed)

@@ -257,6 +257,11 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     stats = stats if stats is not None else DriverStats()
     device = torch.device(device)
     parent, layers, layers_name = find_decoder_layers(model)
+    if config.target == "residual":
+        missing = [n for n in (*RESIDUAL_WRITERS, *RESIDUAL_WRITERS.values()) if not _has(layers[0], n)]
+        if missing:
+            raise DriverError(f"--target residual needs Llama-style decoder layers; {layers_name}.0 has no "
+                              f"{', '.join(missing)}")
     if layer_loader is None:
         check_finite(layers, layers_name)
     quantizer = config.quantizer()
@@ -268,11 +273,6 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     t0 = time.perf_counter()
     if use_data:
         inps, args, kwargs = capture_layer_inputs(model, parent, layers, calib, device)
-    if config.target == "residual":
-        missing = [n for n in (*RESIDUAL_WRITERS, *RESIDUAL_WRITERS.values()) if not _has(layers[0], n)]
-        if missing:
-            raise DriverError(f"--target residual needs Llama-style decoder layers; {layers_name}.0 has no "
-                              f"{', '.join(missing)}")
     floats = use_data and config.target != "quantized"
     finps = [x.clone() for x in inps] if floats else None  # the float model's stream
     stats.seconds["capture"] += time.perf_counter() - t0

@@ -100,20 +100,33 @@ def round_to_grid(w, scale, offset, lo: int, hi: int, inv=None):
     return torch.clamp_(torch.round_((w - offset) * inv), lo, hi)
 
 
-def _damped_inverse(H: torch.Tensor, percdamp: float, max_tries: int = 8):
-    """inv(H + damp * mean(diag H) * I) via Cholesky, raising damp tenfold on failure.
-    Returns (inverse, damp used, damped H)."""
+def drop_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """In place: inputs that never fire (zero diagonal of H) weigh 1 in H and target 0 in W,
+    so H is invertible and nothing is fitted to them."""
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I: GPTQ's damping, relative to the mean diagonal."""
     mean_diag = torch.diagonal(H).abs().mean().clamp_min(torch.finfo(H.dtype).tiny)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return H + damp * mean_diag * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def _damped_inverse(H: torch.Tensor, percdamp: float, max_tries: int = 8):
+    """inv(`damped`(H, damp)) via Cholesky, raising damp tenfold on failure.
+    Returns (inverse, damp used, damped H)."""
     damp = percdamp
     for attempt in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        Hd = damped(H, damp)
+        L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             M = torch.cholesky_inverse(L)
             if bool(torch.isfinite(M).all()):
                 if attempt:
                     log.warning("Cholesky of H failed at damping %g; used %g", percdamp, damp)
-                return M, damp, H + damp * mean_diag * eye
+                return M, damp, Hd
         damp = damp * 10 if damp > 0 else 1e-6
     raise RuntimeError(f"Hessian is not positive definite even with damping {damp:g}")
 
@@ -140,9 +153,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor | None, quantizer: BlockQua
     damp = 0.0
     if compensate:
         H = H.detach().to(dev, dtype).clone()
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1
-        Wr[:, dead] = 0
+        drop_dead_inputs(Wr, H)
         M, damp, Hd = _damped_inverse(H, percdamp)
     rem = torch.arange(m, device=dev)
     dynamic = not explicit and reorder == "ssr"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import QuantResult, grid_inverse
+from .gptq import QuantResult, damped, drop_dead_inputs, grid_inverse
 
 _RIDGE = 1e-6      # relative pull of alpha towards its previous value (rows whose codes are all 0)
 _CHUNK = 1 << 25   # elements of the per-chunk [rows, m, blocks] intermediate in `refit_grid`
@@ -134,12 +134,11 @@ def refine(result: QuantResult, W: torch.Tensor, H: torch.Tensor, lo: int, hi: i
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     dev = result.codes.device
     perm = result.perm.to(dev)
-    H = H.detach().to(dev, dt)[perm][:, perm].clone()
-    Wp = W.detach().to(dev, dt)[:, perm].clone()
-    dead = H.diagonal() == 0                                        # as GPTQ: unused inputs weigh 1, target 0
-    H[dead, dead] = 1
-    Wp[:, dead] = 0
-    H += result.damp * H.diagonal().abs().mean() * torch.eye(m, dtype=dt, device=dev)
+    H = H.detach().to(dev, dt).clone()
+    Wp = W.detach().to(dev, dt).clone()
+    drop_dead_inputs(Wp, H)                                         # H and W exactly as GPTQ used them
+    H = damped(H[perm][:, perm], result.damp)
+    Wp = Wp[:, perm]
     k = result.block_size
 
     def store(alpha, mu):

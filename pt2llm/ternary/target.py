@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import HessianAccumulator
+from .gptq import HessianAccumulator, damped
 
 
 class CrossAccumulator(HessianAccumulator):
@@ -39,15 +39,20 @@ class CrossAccumulator(HessianAccumulator):
         return [self.H, self.D]
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
-        x, xf = self._rows(x), self._rows(x_float)
+        self._add(self._rows(x), self._rows(x_float))
+
+    def _add(self, x: torch.Tensor, xf: torch.Tensor):
+        """Accumulate H and D from token rows; returns (scale s, s·x) for further sums, or None
+        when there are no rows."""
         if xf.shape != x.shape:
             raise ValueError(f"quantized-path input {tuple(x.shape)} and float-path input {tuple(xf.shape)} differ")
         if x.shape[0] == 0:
-            return
+            return None
         s = self._advance(x.shape[0])
         x = x * s
         self.H.addmm_(x.T, x)
         self.D.addmm_((xf * s - x).T, x)
+        return s, x
 
 
 class DriftAccumulator(CrossAccumulator):
@@ -62,16 +67,13 @@ class DriftAccumulator(CrossAccumulator):
         return [self.H, self.D, self.P]
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor, drift: torch.Tensor) -> None:
-        x, xf, r = self._rows(x), self._rows(x_float), self._rows(drift)
-        if xf.shape != x.shape or r.shape != (x.shape[0], self.P.shape[0]):
-            raise ValueError(f"inputs {tuple(x.shape)} / {tuple(xf.shape)} and drift {tuple(r.shape)} do not match")
-        if x.shape[0] == 0:
-            return
-        s = self._advance(x.shape[0])
-        x = x * s
-        self.H.addmm_(x.T, x)
-        self.D.addmm_((xf * s - x).T, x)
-        self.P.addmm_((r * s).T, x)
+        x, r = self._rows(x), self._rows(drift)
+        if r.shape != (x.shape[0], self.P.shape[0]):
+            raise ValueError(f"inputs {tuple(x.shape)} and drift {tuple(r.shape)} do not match")
+        scaled = self._add(x, self._rows(x_float))
+        if scaled is not None:
+            s, xs = scaled
+            self.P.addmm_((r * s).T, xs)
 
 
 def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01,
@@ -79,9 +81,7 @@ def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: fl
     """W* = W + (W D + P) (H + λI)⁻¹, λ = percdamp · mean(diag H) (GPTQ's damping), computed in
     float64 and returned in float32: the weight whose GPTQ fit on X fits W on X̃ (plus the
     drift R, when P is given)."""
-    H64 = H.double()
-    lam = percdamp * H64.diagonal().mean().clamp_min(1e-12)
-    Hd = H64 + lam * torch.eye(H64.shape[0], dtype=H64.dtype, device=H64.device)
+    Hd = damped(H.double(), percdamp)
     W64 = W.double()
     WD = W64 @ D.double()
     if P is not None:
