@@ -68,6 +68,10 @@ ROWS = {
     "pt2-rot-hessian-residual-refine": ("PT² + rotation, Hessian order, residual target, refinement (4 sweeps)",
                                         "pt2llm", ["--rotate", "hadamard", "--reorder", "hessian", "--target",
                                                    "residual", "--refine", "4"]),
+    "pt2-rot-hessian-residual-refine-damp": ("PT² + rotation, Hessian order, residual target, refinement (4 sweeps), "
+                                             "10% damping", "pt2llm",
+                                             ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual",
+                                              "--refine", "4", "--percdamp", "0.1"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 
