@@ -206,7 +206,7 @@ def online(gen, ms=(1, 16)) -> list[dict]:
     return rows
 
 
-def sweep_gemv(shapes, gen, ms=GEMV_MS) -> None:
+def sweep_gemv(shapes, gen) -> None:
     """Time the GEMV kernel's launch settings (gemv_grids) at M = 1, 2, 4 on `shapes`; set the
     best for M = 1 as tt.TUNING["gemv"] and, where another M prefers others, those as
     tt.TUNING["gemv_by_m"][str(BLOCK_M)]. Prints each round's ranking and the best per M
@@ -214,7 +214,7 @@ def sweep_gemv(shapes, gen, ms=GEMV_MS) -> None:
     first, second = gemv_grids()
     layers = [(n, k, make_layer(n, k, gen)) for n, k in shapes]
     xs = {(k, m): torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-          for _, k, _ in layers for m in ms}
+          for _, k, _ in layers for m in GEMV_MS}
 
     def times(cfg, m):
         out = []
@@ -232,7 +232,7 @@ def sweep_gemv(shapes, gen, ms=GEMV_MS) -> None:
 
     best = {}
     start = time.time()
-    for m in ms:
+    for m in GEMV_MS:
         sc = [times(cfg, m) for cfg in first]
         print(f"sweep gemv M={m} round 1 done at {time.time() - start:.0f} s", flush=True)
         order = ranked(sc)
@@ -252,11 +252,8 @@ def sweep_gemv(shapes, gen, ms=GEMV_MS) -> None:
                                   L, reps=5))
         print(f"sweep gemv M={m} best", best[m], "us:", [round(v, 1) for v in sc2[order2[0]]],
               "| fused", tt.TUNING["fused"], "us:", [round(v, 1) for v in fused], "at", shapes, flush=True)
-    if 1 in best:
-        tt.TUNING["gemv"] = best[1]
-    by_m = dict(tt.TUNING.get("gemv_by_m", {}))  # M not swept: as it was
-    by_m.update({str(triton.next_power_of_2(m)): best[m] for m in best if m != 1})
-    tt.TUNING["gemv_by_m"] = {b: c for b, c in by_m.items() if c != tt.TUNING["gemv"]}
+    tt.TUNING["gemv"] = best[1]
+    tt.TUNING["gemv_by_m"] = {str(triton.next_power_of_2(m)): best[m] for m in GEMV_MS if best[m] != best[1]}
 
 
 def sweep(args) -> dict:
@@ -269,7 +266,7 @@ def sweep(args) -> dict:
     shapes = [(11008, 4096), (4096, 11008), (28672, 8192)]
     todo = args.sweep_kernels
     if "gemv" in todo:
-        sweep_gemv(shapes, gen, args.sweep_ms)
+        sweep_gemv(shapes, gen)
     if not {"fused", "dequant", "dequant_original"} & set(todo):
         print("TUNING =", tt.TUNING, flush=True)
         return tt.TUNING
@@ -377,8 +374,6 @@ def main():
     ap.add_argument("--only-online", action="store_true", help="time only the online transform")
     ap.add_argument("--sweep-kernels", default=",".join(SWEEP_KERNELS),
                     help="with --sweep: which kernels' settings to time, of " + ",".join(SWEEP_KERNELS))
-    ap.add_argument("--sweep-ms", type=lambda t: [int(v) for v in t.split(",") if v], default=list(GEMV_MS),
-                    help="with --sweep: the rows M the GEMV settings are tuned at, of 1,2,4 (default: all)")
     ap.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="shapes to time, out x in, e.g. "
                     "11008x4096,28672x8192 (default: six Llama-2 shapes)")
     ap.add_argument("--ms", type=lambda t: [int(v) for v in t.split(",") if v], default=MS,
