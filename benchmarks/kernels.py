@@ -2,8 +2,6 @@
 
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --out docs/results    # kernels.json, kernels.md
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --sweep --out DIR     # tune first, then the same
-    PYTHONPATH=$PWD python3 benchmarks/kernels.py --sweep --sweep-kernels gemv --ms 1,2,4 --out DIR
-        # decode only: tune the GEMV kernel, then time it beside the fused kernel at M = 1, 2, 4
 
 Times come from CUDA graphs, as in a model's decode loop: one graph calls the operation on
 enough copies of the weights (at least 256 MiB in all) that they come from device memory,
@@ -21,12 +19,10 @@ import argparse
 import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 from pt2llm import pack
@@ -35,31 +31,7 @@ from pt2llm.rotate import hadamard
 from pt2llm.rotate.online import hadamard_input
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]  # out x in
-MS = [1, 2, 4, 16, 128, 2048]
-GEMV_MS = (1, 2, 4)  # where the GEMV kernel is timed beside the fused one
-SWEEP_KERNELS = ("fused", "gemv", "dequant", "dequant_original")
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'11008x4096,28672x8192' -> [(11008, 4096), (28672, 8192)] (out x in)."""
-    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
-
-
-def gemv_grids() -> tuple[list[dict], list[dict]]:
-    """The GEMV sweep in two rounds: packed rows a program, warps and prefetch first (1 stage,
-    264 programs, x gathered in the kernel); then, around each M's best, stages, programs and
-    pregather. (Stages should not matter: Triton pipelines only loads that feed a tl.dot; the
-    second round checks.)"""
-    first = [dict(block_g=bg, cols=128, warps=nw, stages=1, programs=264, pregather=False, prefetch=pf)
-             for bg in (8, 16, 32, 64) for nw in (2, 4, 8) for pf in (True, False)]
-    second = [dict(stages=ns, programs=tp, pregather=pg) for ns in (1, 2, 3) for tp in (132, 264, 528)
-              for pg in (False, True)]
-    return first, second
-
-
-def ranked(scores: list[list[float]]) -> list[int]:
-    """Indices of the settings, fastest first by the geometric mean of their times."""
-    return sorted(range(len(scores)), key=lambda i: statistics.geometric_mean(scores[i]))
+MS = [1, 16, 128, 2048]
 
 
 def copy_bandwidth() -> float:
@@ -133,26 +105,20 @@ def run(args):
         x = torch.randn(m, 1408, device="cuda", dtype=torch.bfloat16, generator=gen)
         err = check(L, x, tt.linear(x, **L))
         assert err < 1e-2, ("bf16", m, err)
-    for m in (1, 3):  # the GEMV kernel, bf16 (BLOCK_M 1 and 4)
-        x = torch.randn(m, 1408, device="cuda", dtype=torch.bfloat16, generator=gen)
-        err = check(L, x, tt.linear(x, **L, path="gemv"))
-        assert err < 1e-2, ("bf16 gemv", m, err)
     rows = []
-    for n, k in args.shapes:
+    for n, k in SHAPES:
         L = make_layer(n, k, gen)
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
-        for m in args.ms:
+        for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             fp16_us = graph_us(lambda w: F.linear(x, w), {"w": w16})
             paths = {"fused": None, "prefill": None} if m <= 128 else {"prefill": None}  # fused: far slower there
-            if m in GEMV_MS or tt.choose_path(m) == "gemv":
-                paths = {"gemv": None, **paths}
             for p in paths:
                 y = tt.linear(x, **L, path=p)
                 err = check(L, x, y)
                 assert err < 2e-3, (n, k, m, p, err)
                 paths[p] = graph_us(lambda **c: tt.linear(x, **c, path=p), L)
-            used = tt.choose_path(m)  # what linear() runs
+            used = "fused" if m < tt.TUNING["prefill_from_m"] else "prefill"  # what linear() runs
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
             fp16_share = (2 * n * k + 2 * m * k + 2 * m * n) / (fp16_us * 1e-6) / bw
@@ -160,7 +126,6 @@ def run(args):
                    "speedup": round(fp16_us / t_us, 2), "bandwidth_share": round(share, 3),
                    "fp16_bandwidth_share": round(fp16_share, 3), "path": used,
                    "paths_us": {p: round(v, 2) for p, v in paths.items()}, "rel_error": float(f"{err:.2e}"),
-                   "gemv_us": round(paths["gemv"], 2) if "gemv" in paths else None,
                    "device": dev, "date": date}
             rows.append(row)
             print(f"{n:>6}x{k:<6} M={m:<5} fp16 {fp16_us:9.1f} us  ternary {t_us:9.1f} us ({used})  "
@@ -206,70 +171,13 @@ def online(gen, ms=(1, 16)) -> list[dict]:
     return rows
 
 
-def sweep_gemv(shapes, gen) -> None:
-    """Time the GEMV kernel's launch settings (gemv_grids) at M = 1, 2, 4 on `shapes`; set the
-    best for M = 1 as tt.TUNING["gemv"] and, where another M prefers others, those as
-    tt.TUNING["gemv_by_m"][str(BLOCK_M)]. Prints each round's ranking and the best per M
-    beside the fused kernel (tt.TUNING["fused"])."""
-    first, second = gemv_grids()
-    layers = [(n, k, make_layer(n, k, gen)) for n, k in shapes]
-    xs = {(k, m): torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-          for _, k, _ in layers for m in GEMV_MS}
-
-    def times(cfg, m):
-        out = []
-        for n, k, L in layers:
-            x = xs[k, m]
-            mv = lambda **c: tt.gemv(x, c["packed"], c["alpha"], c["mu"], c["perm"], None, n, 128, **cfg)
-            try:
-                y = mv(**L)
-            except (triton.runtime.errors.OutOfResources, RuntimeError) as e:  # a setting that cannot run
-                print("sweep gemv", cfg, f"M={m} fails: {type(e).__name__}: {e}"[:300], flush=True)
-                return [float("inf")] * len(layers)
-            assert check(L, x, y) < 2e-3, (n, k, m, cfg)
-            out.append(graph_us(mv, L, reps=5))
-        return out
-
-    best = {}
-    start = time.time()
-    for m in GEMV_MS:
-        sc = [times(cfg, m) for cfg in first]
-        print(f"sweep gemv M={m} round 1 done at {time.time() - start:.0f} s", flush=True)
-        order = ranked(sc)
-        for i in order[:8]:
-            print(f"sweep gemv M={m} round 1", first[i], "us at (shape):", [round(v, 1) for v in sc[i]], flush=True)
-        top = first[order[0]]
-        grid2 = [{**top, **c} for c in second]
-        sc2 = [times(cfg, m) for cfg in grid2]
-        order2 = ranked(sc2)
-        for i in order2[:8]:
-            print(f"sweep gemv M={m} round 2", grid2[i], "us at (shape):", [round(v, 1) for v in sc2[i]], flush=True)
-        best[m] = grid2[order2[0]]
-        fused = []
-        for n, k, L in layers:
-            x = xs[k, m]
-            fused.append(graph_us(lambda **c: tt.matmul(x, c["packed"], c["alpha"], c["mu"], c["perm"], None, n, 128),
-                                  L, reps=5))
-        print(f"sweep gemv M={m} best", best[m], "us:", [round(v, 1) for v in sc2[order2[0]]],
-              "| fused", tt.TUNING["fused"], "us:", [round(v, 1) for v in fused], "at", shapes, flush=True)
-    tt.TUNING["gemv"] = best[1]
-    tt.TUNING["gemv_by_m"] = {str(triton.next_power_of_2(m)): best[m] for m in GEMV_MS if best[m] != best[1]}
-
-
 def sweep(args) -> dict:
-    """Time the fused kernel's launch settings at M = 1 and 16, the GEMV kernel's at M = 1, 2,
-    4 (sweep_gemv), and both dequantize kernels' tiles, on three shapes (args.sweep_kernels:
-    which of them); print the best, set them in tt.TUNING (what the rest of the run uses) and
-    return them. Also prints what the gather of the activations (x[:, perm], M = 2048) costs
-    on those shapes: what dequantizing in the original order saves prefill."""
+    """Time the fused kernel's launch settings at M = 1 and 16, and both dequantize kernels'
+    tiles, on three shapes; print the best, set them in tt.TUNING (what the rest of the run
+    uses) and return them. Also prints what the gather of the activations (x[:, perm],
+    M = 2048) costs on those shapes: what dequantizing in the original order saves prefill."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(11008, 4096), (4096, 11008), (28672, 8192)]
-    todo = args.sweep_kernels
-    if "gemv" in todo:
-        sweep_gemv(shapes, gen)
-    if not {"fused", "dequant", "dequant_original"} & set(todo):
-        print("TUNING =", tt.TUNING, flush=True)
-        return tt.TUNING
     grid = [dict(block_g=bg, warps=nw, stages=ns, programs=tp)
             for bg, nw, ns, tp in [(64, 4, 1, 264), (64, 4, 1, 528), (64, 4, 2, 264), (64, 4, 3, 528),
                                    (128, 8, 1, 264), (128, 8, 1, 132), (32, 4, 2, 264)]]
@@ -279,39 +187,33 @@ def sweep(args) -> dict:
     gather = []
     for n, k in shapes:
         L = make_layer(n, k, gen)
-        for m in (1, 16) if "fused" in todo else ():
+        for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             for i, cfg in enumerate(grid):
                 mm = lambda **c: tt.matmul(x, c["packed"], c["alpha"], c["mu"], c["perm"], None, n, 128, **cfg)
                 assert check(L, x, mm(**L)) < 2e-3, (n, k, m, cfg)
                 scores[i].append(graph_us(mm, L, reps=5))
         ref = tt.dequantize(L["packed"], L["alpha"], L["mu"], n, 128)
-        for i, cfg in enumerate(dgrid if "dequant" in todo else []):
+        for i, cfg in enumerate(dgrid):
             dq = lambda **c: tt.dequantize(c["packed"], c["alpha"], c["mu"], n, 128, **cfg)
             assert torch.equal(dq(**L), ref), (n, k, cfg)
             dscores[i].append(graph_us(dq, L, reps=5))
         ref[:, L["perm"].long()] = ref.clone()  # the original column order
-        for i, cfg in enumerate(ogrid if "dequant_original" in todo else []):
+        for i, cfg in enumerate(ogrid):
             dq = lambda **c: tt.dequantize_original(c["packed"], c["alpha"], c["mu"], c["inv_perm"], n, 128, **cfg)
             assert torch.equal(dq(**L), ref), (n, k, cfg)
             oscores[i].append(graph_us(dq, L, reps=5))
         del ref
-        if "dequant_original" in todo:
-            xg = {"x": torch.randn(2048, k, device="cuda", dtype=torch.float16, generator=gen),
-                  "perm": L["perm"].long()}
-            gather.append(graph_us(lambda x, perm: x.index_select(1, perm), xg, reps=5))
-            del xg
-        del L
+        xg = {"x": torch.randn(2048, k, device="cuda", dtype=torch.float16, generator=gen), "perm": L["perm"].long()}
+        gather.append(graph_us(lambda x, perm: x.index_select(1, perm), xg, reps=5))
+        del L, xg
     for key, g, sc, what in [("fused", grid, scores, "(shape, M = 1, 16)"), ("dequant", dgrid, dscores, "(shape)"),
                              ("dequant_original", ogrid, oscores, "(shape)")]:
-        if key not in todo:
-            continue
-        order = ranked(sc)
-        for i in order:
+        ranked = sorted(range(len(g)), key=lambda i: statistics.geometric_mean(sc[i]))
+        for i in ranked:
             print("sweep", key, g[i], f"us at {what}:", [round(v, 1) for v in sc[i]], flush=True)
-        tt.TUNING[key] = g[order[0]]
-    if gather:
-        print("sweep gather x[:, perm] at M = 2048, us at (shape):", [round(v, 1) for v in gather], flush=True)
+        tt.TUNING[key] = g[ranked[0]]
+    print("sweep gather x[:, perm] at M = 2048, us at (shape):", [round(v, 1) for v in gather], flush=True)
     print("TUNING =", tt.TUNING, flush=True)
     return tt.TUNING
 
@@ -348,19 +250,15 @@ def write(rows, dev, date, bw, out: Path):
              "Shapes are out x in; speedup = fp16 time / ternary time; bandwidth share = the ternary "
              "kernel's fewest bytes over its time, as a share of the copy's bandwidth. Times per call "
              "from CUDA-graph replays over copies of the weights (256 MiB or more in all: weights come from "
-             "device memory; no launch gaps), median of replays. Path: what `linear` takes by default: "
-             f"M <= {tt.TUNING.get('gemv_up_to_m', 0)}: the GEMV Triton kernel; M <= 16: the fused Triton "
-             "kernel; larger M: dequantize (in the original column order) + cuBLAS (the paths' times given; "
-             "GEMV also timed at M = 1, 2, 4). Launch settings: "
+             "device memory; no launch gaps), median of replays. M <= 16: the fused Triton kernel; larger M: "
+             "dequantize (in the original column order) + cuBLAS (both paths' times given). Launch settings: "
              f"`{json.dumps(tt.TUNING)}`.", "",
-             "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | gemv µs | fused µs | "
-             "dequant+cuBLAS µs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | fused µs | dequant+cuBLAS µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paths_us"]
         lines.append(f"| {r['shape']} | {r['M']} | {r['fp16_us']:.1f} | {r['ternary_us']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['bandwidth_share']:.0%} | {r['path']} | {p.get('gemv', '')} | {p.get('fused', '')} | "
-                     f"{p.get('prefill', '')} |")
+                     f"{r['bandwidth_share']:.0%} | {r['path']} | {p.get('fused', '')} | {p.get('prefill', '')} |")
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
 
 
@@ -372,17 +270,7 @@ def main():
     ap.add_argument("--online", action="store_true", help="also time the online Hadamard transform of "
                     "rotated models per decoder layer (online-hadamard.json / .md)")
     ap.add_argument("--only-online", action="store_true", help="time only the online transform")
-    ap.add_argument("--sweep-kernels", default=",".join(SWEEP_KERNELS),
-                    help="with --sweep: which kernels' settings to time, of " + ",".join(SWEEP_KERNELS))
-    ap.add_argument("--shapes", type=parse_shapes, default=SHAPES, help="shapes to time, out x in, e.g. "
-                    "11008x4096,28672x8192 (default: six Llama-2 shapes)")
-    ap.add_argument("--ms", type=lambda t: [int(v) for v in t.split(",") if v], default=MS,
-                    help="rows of activations to time, e.g. 1,2,4,16 (default: %(default)s)")
     args = ap.parse_args()
-    args.sweep_kernels = [v for v in args.sweep_kernels.split(",") if v]
-    unknown = set(args.sweep_kernels) - set(SWEEP_KERNELS)
-    if unknown:
-        ap.error(f"--sweep-kernels: unknown {sorted(unknown)}")
     if args.sweep:
         sweep(args)
     dev = torch.cuda.get_device_name()

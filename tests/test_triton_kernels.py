@@ -80,8 +80,7 @@ def test_kernels_match_reference(out_f, in_f, m, gen):
     assert _rel(ref, exact) < 2e-3
     # prefill: with perm's inverse computed inside, and given (int32, as a caller may cache it)
     inv = tt.inverse_perm(mod.perm).to(torch.int32)
-    paths = [("fused", None), ("prefill", None), ("prefill", inv)] + ([("gemv", None)] if m <= 4 else [])
-    for path, inv_perm in paths:
+    for path, inv_perm in [("fused", None), ("prefill", None), ("prefill", inv)]:
         y = tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, out_f, 128, path=path,
                       inv_perm=inv_perm)
         assert y.shape == (m, out_f) and y.dtype == torch.float16
@@ -101,79 +100,6 @@ def test_bf16(out_f, in_f, gen, bf16_dot):
                           inv_perm=inv_perm)
             assert y.shape == (m, out_f) and y.dtype == torch.bfloat16
             assert _rel(y, exact) < 1.5e-2, (m, path)
-
-
-# the GEMV kernel's options: split-K forced (2 and 3 splits of 3 blocks), x gathered first,
-# no prefetch, two blocks a step (a shorter last step), few packed rows a program
-GEMV_SETTINGS = [dict(), dict(splits=2), dict(splits=3, prefetch=False), dict(pregather=True),
-                 dict(cols=256, block_g=8, splits=1), dict(block_g=2, warps=2, prefetch=False, pregather=True)]
-
-
-@pytest.mark.parametrize("out_f,in_f,dtype,bias", [
-    (37, 300, torch.float16, True), (37, 300, torch.bfloat16, False), (40, 256, torch.float16, False),
-    (40, 256, torch.bfloat16, True), (13, 100, torch.float16, True), (13, 100, torch.bfloat16, False)])
-def test_gemv_matches_reference(out_f, in_f, dtype, bias, gen):
-    """M = 1..4 (BLOCK_M 1, 2, 4 with a masked row), widths a multiple of 128 and not, with
-    a random perm, with and without bias, fp16 and bf16, each launch setting."""
-    mod = _layer(out_f, in_f, gen, bias=bias)
-    tol = 2e-3 if dtype == torch.float16 else 1.5e-2
-    for m in [1, 2, 3, 4]:
-        x = torch.randn(m, in_f, generator=gen).to(DEV, dtype)
-        exact, _ = _reference(mod, x)
-        for over in GEMV_SETTINGS:
-            y = tt.gemv(x, mod.packed, mod.alpha, mod.mu, mod.perm, None if mod.bias is None else mod.bias.to(dtype),
-                        out_f, 128, **over)
-            assert y.shape == (m, out_f) and y.dtype == dtype
-            assert _rel(y, exact) < tol, (m, over)
-        y = tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, out_f, 128, path="gemv")
-        assert _rel(y, exact) < tol, m
-
-
-@pytest.mark.parametrize("block", [32, 64])
-def test_gemv_other_block_sizes(block, gen):
-    """Smaller blocks: cols (128) makes CB = 4 or 2 blocks a step."""
-    mod = _layer(21, 200, gen, block=block)
-    x = torch.randn(3, 200, generator=gen).to(DEV, torch.float16)
-    exact, _ = _reference(mod, x)
-    for over in [dict(), dict(cols=block), dict(splits=3)]:
-        assert _rel(tt.gemv(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, 21, block, **over), exact) < 2e-3
-
-
-def test_gemv_without_perm_and_gather_columns(gen):
-    """An empty perm reads x as stored; gather_columns is x[:, perm] for int16 and int64 perms."""
-    mod = _layer(13, 100, gen)
-    x = torch.randn(2, 100, generator=gen).to(DEV, torch.float16)
-    exact, _ = _reference(mod, x)
-    xg = x.index_select(1, mod.perm.long())
-    empty = torch.empty(0, dtype=mod.perm.dtype, device=DEV)
-    assert _rel(tt.gemv(xg, mod.packed, mod.alpha, mod.mu, empty, mod.bias, 13, 128), exact) < 2e-3
-    for perm in [mod.perm, mod.perm.long()]:
-        assert torch.equal(tt.gather_columns(x, perm), xg)
-    wide = torch.randn(3, 2 * 100, generator=gen).to(DEV, torch.float16)[:, 50:150]  # a row stride of 200
-    assert torch.equal(tt.gather_columns(wide, mod.perm), wide[:, mod.perm.long()])
-
-
-def test_linear_dispatch(gen, monkeypatch):
-    """path=None: gemv up to gemv_up_to_m rows, fused below prefill_from_m, prefill from there."""
-    mod = _layer(13, 100, gen)
-    calls = []
-    for name in ["gemv", "matmul", "prefill"]:
-        real = getattr(tt, name)
-        monkeypatch.setattr(tt, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-
-    def run(m):
-        calls.clear()
-        x = torch.randn(2, m, 100, generator=gen).to(DEV, torch.float16)  # 2 m rows in all
-        exact, _ = _reference(mod, x)
-        assert _rel(tt.linear(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, 13, 128), exact) < 2e-3
-        return calls[0]
-
-    assert tt.choose_path(1) == "gemv" and tt.choose_path(tt.TUNING["prefill_from_m"]) == "prefill"
-    assert [run(m) for m in (1, 2, 3, 9)] == ["gemv", "gemv", "matmul", "prefill"]  # 2, 4, 6, 18 rows
-    monkeypatch.setitem(tt.TUNING, "gemv_up_to_m", 0)
-    assert run(1) == "matmul"
-    monkeypatch.delitem(tt.TUNING, "gemv_up_to_m")  # a tuning file from before gemv
-    assert run(1) == "matmul"
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])

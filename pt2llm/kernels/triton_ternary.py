@@ -3,7 +3,7 @@
 y[m, n] = bias[n] + sum over blocks b of  alpha[n, b] * sum_{k in b} code[n, k] x[m, perm[k]]
                                         +    mu[n, b] * sum_{k in b} x[m, perm[k]]
 
-`matmul` (the fused kernel, M <= 16; linear() takes it from M = 5, `gemv` below): each program takes BLOCK_G packed rows (5 BLOCK_G
+`matmul` (the fused kernel, M <= 16): each program takes BLOCK_G packed rows (5 BLOCK_G
 weight rows) and walks its share of the 128-column blocks (split-K when there are too few
 row tiles to fill the GPU; the partial sums meet in a second, deterministic kernel). A
 block's bytes are decoded in registers, the bytes of columns 2j and 2j+1 side by side in
@@ -21,25 +21,6 @@ the fp16 exponent of 1.0 (0x3C00), so Z & 0x3F00 is the fp16 number 1 + d_i/4, a
 Z & 0x14FF = (3y mod 256) + 0x1400 is the next digit's state: an IMAD and two LOP3s for
 two weights, each with a single immediate. bf16 (7 mantissa bits) shifts and masks instead.
 Any two bytes can share an int32: the pairing only has to be undone when storing.
-
-`gemv` (the decode kernel, M <= TUNING["gemv_up_to_m"], default 4; NOT YET MEASURED ON A
-GPU): no tl.dot, whose M = 1 use wastes 15/16 of the MMA and moves the decoded weights to the
-operand layout through shared memory. A program takes BLOCK_G packed rows and all M rows of
-x (BLOCK_M = M rounded up to a power of two), walks its share of the blocks (split-K and the
-same second kernel as `matmul`), CB blocks a step. Each byte sits in its own int32 lane:
-Z = 3 q 2^14 + 0x3F800000 (fp32 1.0) holds d_i's two bits at 22-23, the exponent's lowest
-bit and the mantissa's highest, so Z & 0xFFC00000 is the fp32 number 1.0 + d/2 exactly (1,
-1.5, 2: 1.0's exponent bit 23 plus d 2^22, carries included), and (Z & 0x003FC000) * 3 + 1.0
-is the next digit's Z: an IMAD and two LOP3s a weight (1.0 is a run-time argument so the
-compiler keeps it inside the IMAD). Then one FMA a weight and row of x: sum_k code x =
-2 sum_k w x - 3 sum_k x, alpha and mu once per row and block after a sum over the block's
-columns (the columns split in four, 4j + c, so that a thread's products chain in FMAs;
-tl.sum adds as a tree). The tiles keep one 4-D layout throughout (the bytes' load: 16 bytes a
-thread). Compiled offline for sm_90 (no GPU at hand), M = 1, BLOCK_G = 64, 4 warps: about 5.4
-instructions a weight in the loop (3 decode, 1.2 multiply-add, the rest the reductions over
-threads, alpha, mu, layout changes of x); M = 4, BLOCK_G = 16: about 3.2 a weight and row.
-Options: `pregather` gathers x[:, perm] by a small kernel first (`gather_columns`) instead of
-in the kernel's loads; `prefetch` loads the next step's tiles before the current step's work.
 
 For large M (`prefill`) the weight is dequantized to a scratch tensor and one cuBLAS
 matmul follows (docs/results/kernels.md). Two dequantize kernels:
@@ -177,149 +158,6 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLITS, HAS_BIAS: tl.con
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-FP32_ONE_BITS = 0x3F800000  # fp32 1.0, added to 3 y 2^14: d adds to bits 22-23; a run-time
-# argument of the GEMV kernel, so that the compiler cannot see its bits and split the IMAD
-FP32_WEIGHT = tl.constexpr(-4194304)    # 0xFFC00000: 1.0 + d 2^22, the fp32 number 1 + d/2
-FP32_KEEP = tl.constexpr(0x003FC000)    # y = q 3^i mod 256 in bits 14-21: the next digit's state
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, b_ptr, out_ptr,
-                 M, N, K, G, NB, stride_xm, stride_om, stride_os, steps_per_split, one,
-                 BLOCK: tl.constexpr, CB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                 GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr):
-    """Decode GEMV, no tl.dot: BLOCK_G packed rows (5 BLOCK_G weight rows) against all M <=
-    BLOCK_M rows of x, CB blocks (CB BLOCK columns) a step, over this split's steps (see the
-    module docstring). Every tile is 4-D, [row of x, packed row, block, column in the block],
-    loaded so, and sums keep their dimensions, so that all of it stays in the layout of the
-    bytes' load (with rank changes Triton moved the decoded weights through shared memory).
-    `one` = FP32_ONE_BITS. PREFETCH: load step i + 1's tiles before step i's work (Triton's
-    pipelining, num_stages, does nothing for loads that feed no tl.dot)."""
-    pid_g = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rg = (pid_g * BLOCK_G + tl.arange(0, BLOCK_G))[None, :, None, None]  # [1, BLOCK_G, 1, 1]
-    rm = tl.arange(0, BLOCK_M)[:, None, None, None]  # [BLOCK_M, 1, 1, 1]
-    cb = tl.arange(0, CB)[None, None, :, None]  # [1, 1, CB, 1]
-    kk = tl.arange(0, BLOCK)[None, None, None, :]  # [1, 1, 1, BLOCK]
-    acc0 = tl.zeros((BLOCK_M, BLOCK_G, CB, 1), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_G, CB, 1), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_G, CB, 1), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_G, CB, 1), dtype=tl.float32)
-    acc4 = tl.zeros((BLOCK_M, BLOCK_G, CB, 1), dtype=tl.float32)
-    n0 = (rg * 5).to(tl.int64) * NB  # digit 0's rows' offsets in alpha, mu
-    row_ok = rg < G
-    p_rows = p_ptr + rg.to(tl.int64) * K
-    x_rows = x_ptr + rm.to(tl.int64) * stride_xm
-    m_ok = rm < M
-    first = pid_s * steps_per_split
-    last = tl.minimum(first + steps_per_split, tl.cdiv(NB, CB))
-    if PREFETCH:  # the first step's tiles; each step then loads the next one's before its work
-        x_next, b_next = _gemv_tiles(first, last, x_rows, m_ok, p_rows, row_ok, perm_ptr, K, cb, kk,
-                                     BLOCK, CB, GATHER)
-    for step in range(first, last):
-        if PREFETCH:
-            x, b = x_next, b_next
-            x_next, b_next = _gemv_tiles(step + 1, last, x_rows, m_ok, p_rows, row_ok, perm_ptr, K, cb, kk,
-                                         BLOCK, CB, GATHER)
-        else:
-            x, b = _gemv_tiles(step, last, x_rows, m_ok, p_rows, row_ok, perm_ptr, K, cb, kk, BLOCK, CB, GATHER)
-        blk = step * CB + cb  # [1, 1, CB, 1]
-        x = x.to(tl.float32)  # [BLOCK_M, 1, CB, BLOCK]
-        s = tl.sum(x, axis=3, keep_dims=True)  # [BLOCK_M, 1, CB, 1]: sum_k x per row and block
-        x0, x1, x2, x3 = _quarters(x, BLOCK_M, 1, CB, BLOCK)
-        b0, b1, b2, b3 = _quarters(b, 1, BLOCK_G, CB, BLOCK)
-        # digit 0's Z: 3 q 2^14 + 1.0, for the columns 4j + c, c = 0..3
-        z0 = b0.to(tl.int32) * (3 << 14) + one
-        z1 = b1.to(tl.int32) * (3 << 14) + one
-        z2 = b2.to(tl.int32) * (3 << 14) + one
-        z3 = b3.to(tl.int32) * (3 << 14) + one
-        ab = n0 + blk  # [1, BLOCK_G, CB, 1]
-        ab_ok = row_ok & (blk < NB)
-        acc0, z0, z1, z2, z3 = _gemv_digit(acc0, z0, z1, z2, z3, one, x0, x1, x2, x3, s, a_ptr, m_ptr, ab, ab_ok,
-                                           rg, N, NB, 0)
-        acc1, z0, z1, z2, z3 = _gemv_digit(acc1, z0, z1, z2, z3, one, x0, x1, x2, x3, s, a_ptr, m_ptr, ab, ab_ok,
-                                           rg, N, NB, 1)
-        acc2, z0, z1, z2, z3 = _gemv_digit(acc2, z0, z1, z2, z3, one, x0, x1, x2, x3, s, a_ptr, m_ptr, ab, ab_ok,
-                                           rg, N, NB, 2)
-        acc3, z0, z1, z2, z3 = _gemv_digit(acc3, z0, z1, z2, z3, one, x0, x1, x2, x3, s, a_ptr, m_ptr, ab, ab_ok,
-                                           rg, N, NB, 3)
-        acc4, z0, z1, z2, z3 = _gemv_digit(acc4, z0, z1, z2, z3, one, x0, x1, x2, x3, s, a_ptr, m_ptr, ab, ab_ok,
-                                           rg, N, NB, 4)
-    out_ptr += pid_s.to(tl.int64) * stride_os
-    _gemv_store(out_ptr, acc0, b_ptr, rg, rm, N, M, stride_om, 0, HAS_BIAS)
-    _gemv_store(out_ptr, acc1, b_ptr, rg, rm, N, M, stride_om, 1, HAS_BIAS)
-    _gemv_store(out_ptr, acc2, b_ptr, rg, rm, N, M, stride_om, 2, HAS_BIAS)
-    _gemv_store(out_ptr, acc3, b_ptr, rg, rm, N, M, stride_om, 3, HAS_BIAS)
-    _gemv_store(out_ptr, acc4, b_ptr, rg, rm, N, M, stride_om, 4, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_tiles(step, last, x_rows, m_ok, p_rows, row_ok, perm_ptr, K, cb, kk,
-                BLOCK: tl.constexpr, CB: tl.constexpr, GATHER: tl.constexpr):
-    """Step `step`'s activations [BLOCK_M, 1, CB, BLOCK] (as stored) and packed bytes
-    [1, BLOCK_G, CB, BLOCK]; nothing is read from step `last` on (zeros)."""
-    k = (step * CB + cb) * BLOCK + kk  # [1, 1, CB, BLOCK]: stored columns
-    k_ok = k < tl.where(step < last, K, 0)  # not (k < K) & (step < last): the interpreter fails
-    if GATHER:
-        cols = tl.load(perm_ptr + k, mask=k_ok, other=0)
-    else:
-        cols = k
-    x = tl.load(x_rows + cols, mask=m_ok & k_ok, other=0.0)
-    b = tl.load(p_rows + k, mask=row_ok & k_ok, other=0)
-    return x, b
-
-
-@triton.jit
-def _quarters(t, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
-    """t [A, B, C, BLOCK] -> its columns 4j, 4j + 1, 4j + 2, 4j + 3: four [A, B, C, BLOCK // 4]."""
-    even, odd = tl.split(tl.reshape(t, (A, B, C, BLOCK // 4, 2, 2)))
-    t0, t2 = tl.split(even)
-    t1, t3 = tl.split(odd)
-    return t0, t1, t2, t3
-
-
-@triton.jit
-def _weight(z, one):
-    """Digit i's fp32 weights 1 + d/2 = (code + 3) / 2 from Z, and the next digit's Z."""
-    return (z & FP32_WEIGHT).to(tl.float32, bitcast=True), (z & FP32_KEEP) * 3 + one
-
-
-@triton.jit
-def _gemv_digit(acc, z0, z1, z2, z3, one, x0, x1, x2, x3, s, a_ptr, m_ptr, ab, ab_ok, rg, N, NB, I: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_G, CB, 1] += alpha (2 sum_k w x - 3 sum_k x) + mu sum_k x for weight
-    rows 5 rg + I (w = 1 + d/2), the block's columns in four quarters (z0..z3, x0..x3: columns
-    4j + c) so that the products of a thread's columns chain in FMAs (tl.sum adds as a tree,
-    a multiply and an add more per two weights); returns it and the next digit's Zs."""
-    w0, z0 = _weight(z0, one)  # [1, BLOCK_G, CB, BLOCK // 4]
-    w1, z1 = _weight(z1, one)
-    w2, z2 = _weight(z2, one)
-    w3, z3 = _weight(z3, one)
-    d = tl.fma(w3, x3, tl.fma(w2, x2, tl.fma(w1, x1, w0 * x0)))  # [BLOCK_M, BLOCK_G, CB, BLOCK // 4]
-    d = tl.sum(d, axis=3, keep_dims=True)  # [BLOCK_M, BLOCK_G, CB, 1]
-    ok = ab_ok & (rg * 5 + I < N)
-    alpha = tl.load(a_ptr + ab + I * NB, mask=ok, other=0).to(tl.float32)
-    mu = tl.load(m_ptr + ab + I * NB, mask=ok, other=0).to(tl.float32)
-    return acc + alpha * (2 * d - 3 * s) + mu * s, z0, z1, z2, z3
-
-
-@triton.jit
-def _gemv_store(out_ptr, acc, b_ptr, rg, rm, N, M, stride_om, I: tl.constexpr, HAS_BIAS: tl.constexpr):
-    y = tl.sum(acc, axis=2, keep_dims=True)  # [BLOCK_M, BLOCK_G, 1, 1]
-    n = rg * 5 + I
-    if HAS_BIAS:
-        y += tl.load(b_ptr + n, mask=n < N, other=0).to(tl.float32)
-    tl.store(out_ptr + rm.to(tl.int64) * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=(rm < M) & (n < N))
-
-
-@triton.jit
-def _gather_kernel(x_ptr, perm_ptr, out_ptr, K, stride_xm, BLOCK: tl.constexpr):
-    """out[m, k] = x[m, perm[k]]: the activations in stored column order, once per call."""
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = tl.program_id(1).to(tl.int64)
-    cols = tl.load(perm_ptr + k, mask=k < K, other=0)
-    tl.store(out_ptr + m * K + k, tl.load(x_ptr + m * stride_xm + cols, mask=k < K), mask=k < K)
-
-
 @triton.jit
 def _dequant_kernel(p_ptr, a_ptr, m_ptr, w_ptr, N, K, G, NB,
                     BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BF16: tl.constexpr):
@@ -387,20 +225,11 @@ def supported(x: torch.Tensor, block_size: int) -> bool:
 # them; benchmarks/e2e.py --tuning reads a saved set): the fused kernel's packed rows per
 # program, warps, pipeline stages and the number of programs split-K aims at; the stored-
 # order dequantize kernel's packed rows per program and warps; the original-order one's
-# columns per step and warps. The GEMV kernel's ("gemv", NOT YET TUNED on a GPU): packed
-# rows per program, columns per step (a multiple of the block size, rounded up to one
-# block), warps, stages, programs for split-K, and pregather (gather x[:, perm] by a small
-# kernel first instead of in the kernel's loads), prefetch (load a step ahead); "gemv_by_m"
-# (optional) overrides them per BLOCK_M ("2", "4"). linear() takes gemv up to
-# "gemv_up_to_m" rows, fused below "prefill_from_m", prefill from there. Keys these
-# functions do not read (an older file's "variant", "blocks") are ignored; a file without
-# "dequant_original", "gemv", "gemv_by_m" or "gemv_up_to_m" leaves those defaults.
+# columns per step and warps. Keys these functions do not read (an older file's "variant",
+# "blocks") are ignored; a file without "dequant_original" leaves this default.
 TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264),
-          "gemv": dict(block_g=64, cols=128, warps=4, stages=1, programs=264, pregather=False, prefetch=True),
-          "gemv_by_m": {"2": dict(block_g=16), "4": dict(block_g=16)},  # fewer registers a thread
           "dequant": dict(block_g=8, warps=2),
           "dequant_original": dict(block_c=1024, warps=8),
-          "gemv_up_to_m": 4,
           "prefill_from_m": 17}
 MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
 
@@ -423,53 +252,6 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_si
         x2, packed, alpha, mu, perm, bias if has_bias else alpha, part,
         M, n_out, K, G, NB, x2.stride(0), n_out, M * n_out, per_split,
         BLOCK=block_size, BLOCK_G=bg, BLOCK_M=bm, HAS_BIAS=has_bias, BF16=x2.dtype == torch.bfloat16,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if splits > 1:
-        MN, B = M * n_out, 1024
-        _sum_splits_kernel[(triton.cdiv(MN, B),)](part, bias if bias is not None else alpha, out, MN, n_out,
-                                                   splits, HAS_BIAS=bias is not None, BLOCK=B)
-    return out
-
-
-def gather_columns(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """x2[:, perm] (x2 [M, K], unit column stride) as a new contiguous tensor, one small kernel;
-    perm of any integer dtype."""
-    M, K = x2.shape
-    out = torch.empty(M, K, device=x2.device, dtype=x2.dtype)
-    B = 1024
-    _gather_kernel[(triton.cdiv(K, B), M)](x2, perm, out, K, x2.stride(0), BLOCK=B)
-    return out
-
-
-def gemv(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int, **over) -> torch.Tensor:
-    """The decode kernel for a few rows (M <= TUNING["gemv_up_to_m"]; any M works, all rows
-    in one program, BLOCK_M = M rounded up to a power of two): x2 [M, K] contiguous rows ->
-    [M, n_out], no tl.dot. Settings: TUNING["gemv"], then TUNING["gemv_by_m"][str(BLOCK_M)]
-    where given, then `over` (block_g, cols, warps, stages, programs, pregather, prefetch;
-    `splits` fixes split-K)."""
-    M, K = x2.shape
-    G, NB = packed.shape[0], alpha.shape[1]
-    bm = triton.next_power_of_2(max(1, M))
-    cfg = {**TUNING["gemv"], **TUNING.get("gemv_by_m", {}).get(str(bm), {}), **over}
-    bg = cfg["block_g"]
-    cb = max(1, cfg.get("cols", block_size) // block_size)  # blocks a step, a power of two
-    cb = triton.next_power_of_2(cb)
-    steps = triton.cdiv(NB, cb)
-    grid_g = triton.cdiv(G, bg)
-    splits = cfg.get("splits") or max(1, min(steps, cfg["programs"] // max(1, grid_g)))
-    per_split = triton.cdiv(steps, splits)
-    splits = triton.cdiv(steps, per_split)
-    gather = perm.numel() > 0
-    if gather and cfg.get("pregather"):
-        x2, gather = gather_columns(x2, perm), False
-    out = torch.empty(M, n_out, device=x2.device, dtype=x2.dtype)
-    part = out if splits == 1 else torch.empty(splits, M, n_out, device=x2.device, dtype=torch.float32)
-    has_bias = bias is not None and splits == 1
-    _gemv_kernel[(grid_g, splits)](
-        x2, packed, alpha, mu, perm if gather else alpha, bias if has_bias else alpha, part,
-        M, n_out, K, G, NB, x2.stride(0), n_out, M * n_out, per_split, FP32_ONE_BITS,
-        BLOCK=block_size, CB=cb, BLOCK_G=bg, BLOCK_M=bm, GATHER=gather, HAS_BIAS=has_bias,
-        PREFETCH=bool(cfg.get("prefetch", False)),
         num_warps=cfg["warps"], num_stages=cfg["stages"])
     if splits > 1:
         MN, B = M * n_out, 1024
@@ -526,29 +308,19 @@ def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int, inv_
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
-def choose_path(m: int) -> str:
-    """The path linear() takes for m rows of activations (see TUNING)."""
-    if m <= TUNING.get("gemv_up_to_m", 0):
-        return "gemv"
-    return "fused" if m < TUNING["prefill_from_m"] else "prefill"
-
-
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
-    path: "gemv", "fused" or "prefill"; by default gemv up to TUNING["gemv_up_to_m"] rows,
-    fused below TUNING["prefill_from_m"], prefill from there.
+    path: "fused" or "prefill"; by default fused below TUNING["prefill_from_m"] rows.
     inv_perm: perm's inverse (inverse_perm(perm)), for prefill; computed there when None."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if path is None:
-        path = choose_path(x2.shape[0])
+        path = "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
     bias = None if bias is None else bias.to(x.dtype)
-    if path == "gemv":
-        y = gemv(x2, packed, alpha, mu, perm, bias, n_out, block_size)
-    elif path == "fused":
+    if path == "fused":
         y = matmul(x2, packed, alpha, mu, perm, bias, n_out, block_size)
     else:
         y = prefill(x2, packed, alpha, mu, perm, bias, n_out, block_size, inv_perm)
