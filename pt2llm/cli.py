@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random orders (default 0)")
-    q.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
+    q.add_argument("--percdamp", type=float, default=None,
+                   help="Hessian damping, fraction of mean diag (default 0.01, the paper's; 0.1 with --target "
+                        "float or residual)")
     q.add_argument("--device", default=None, help="compute device: cpu | cuda | cuda:N (default: cuda if available)")
     q.add_argument("--devices", default=None, metavar="LIST",
                    help="spread the work over several GPUs, one process each, e.g. cuda:0,cuda:1 (cpu,cpu for "

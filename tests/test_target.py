@@ -48,11 +48,11 @@ def test_float_target_is_w_when_the_streams_agree_even_damped():
     torch.testing.assert_close(float_target(W.float(), acc.H, acc.D, percdamp=0.01), W.float(), rtol=0, atol=0)
 
 
-def _quantized(d, target: str):
-    """The tiny test model in d, quantized in memory with QuantConfig(target=target)."""
+def _quantized(d, target: str, percdamp: float | None = None):
+    """The tiny test model in d, quantized in memory with QuantConfig(target=target, percdamp=percdamp)."""
     model, tok, _ = sources.load_float(str(d / "float"))
     calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
-    driver.quantize_model(model, calib, driver.QuantConfig(target=target), progress=False)
+    driver.quantize_model(model, calib, driver.QuantConfig(target=target, percdamp=percdamp), progress=False)
     return model
 
 
@@ -60,7 +60,7 @@ def test_driver_target_float(tiny):
     """Layer 0's first group sees the same inputs on both streams, so its codes equal the
     default run's; the float stream then makes later linears differ; the config is recorded."""
     _, d = tiny
-    a, b = (_quantized(d, t).model.layers for t in ("quantized", "float"))
+    a, b = (_quantized(d, t, percdamp=0.01).model.layers for t in ("quantized", "float"))
     for n in ("q_proj", "k_proj", "v_proj"):
         assert torch.equal(getattr(a[0].self_attn, n).packed, getattr(b[0].self_attn, n).packed), n
     assert not torch.equal(a[1].mlp.down_proj.packed, b[1].mlp.down_proj.packed)
@@ -68,6 +68,33 @@ def test_driver_target_float(tiny):
     assert "target" not in driver.QuantConfig().to_dict()
     with pytest.raises(ValueError, match="target"):
         driver.QuantConfig(method="rtn", target="float")
+
+
+def test_damping_defaults_to_the_papers_and_to_ten_percent_when_fitting_the_float_model():
+    assert driver.QuantConfig().percdamp == driver.PAPER_DAMP == 0.01
+    assert driver.QuantConfig(method="gptq").percdamp == 0.01
+    for t in ("float", "residual"):
+        assert driver.QuantConfig(target=t).percdamp == driver.TARGET_DAMP == 0.1
+        assert driver.QuantConfig(target=t).to_dict()["percdamp"] == 0.1  # recorded as resolved
+        assert driver.QuantConfig(target=t, percdamp=0.01).percdamp == 0.01  # an explicit value wins
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="percdamp"):
+            driver.QuantConfig(percdamp=bad)
+
+
+def test_cli_leaves_damping_to_the_config(tiny, tmp_path):
+    """No --percdamp on the command line: the folder records the target's default."""
+    import json
+
+    from pt2llm import cli
+
+    _, d = tiny
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "2",
+                     "--seqlen", "32", "--device", "cpu", "--no-progress", "--target", "float",
+                     "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["percdamp"] == 0.1
 
 
 def test_killed_float_target_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
