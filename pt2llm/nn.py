@@ -30,11 +30,6 @@ def perm_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features < 32768 else torch.int32
 
 
-def perm_storage_bytes(in_features: int) -> int:
-    """Bytes of a column order in a saved folder (format 3: index_bits(in) bits an entry)."""
-    return pack.packed_perm_width(in_features)
-
-
 class TernaryLinear(nn.Module):
     """bits=None: ternary codes {-1, 0, 1}. bits=k: unsigned k-bit codes (GPTQ baseline)."""
 
@@ -56,7 +51,7 @@ class TernaryLinear(nn.Module):
         self.register_buffer("alpha", torch.zeros(out_features, nb, dtype=torch.float16, device=device))
         self.register_buffer("mu", torch.zeros(out_features, nb, dtype=torch.float16, device=device))
         if perm_packed:  # a format-3 checkpoint's bit stream, until upgrade_packing()
-            perm = torch.zeros(perm_storage_bytes(in_features), dtype=torch.uint8, device=device)
+            perm = torch.zeros(pack.packed_perm_width(in_features), dtype=torch.uint8, device=device)
         else:
             perm = torch.arange(in_features, device=device).to(perm_dtype(in_features))
         self.register_buffer("perm", perm)
@@ -142,7 +137,7 @@ class TernaryLinear(nn.Module):
         """Bytes of the quantized weight in a saved folder (format 3): codes, alpha, mu and
         the packed column order (not the bias, nor an online transform's signs)."""
         return (sum(t.numel() * t.element_size() for t in (self.packed, self.alpha, self.mu))
-                + perm_storage_bytes(self.in_features))
+                + pack.packed_perm_width(self.in_features))
 
     def extra_repr(self) -> str:
         kind = "ternary" if self.bits is None else f"uint{self.bits}"

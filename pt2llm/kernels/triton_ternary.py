@@ -58,6 +58,13 @@ FP16_WEIGHT = tl.constexpr(0x3F003F00)  # 1.0's exponent and d: the fp16 number 
 
 
 @triton.jit
+def _packed_tile(p_ptr, rg, k, K, G):
+    """Packed bytes [len(rg), len(k)]: packed rows rg, stored columns k (0 outside)."""
+    return tl.load(p_ptr + rg[:, None].to(tl.int64) * K + k[None, :], mask=(rg[:, None] < G) & (k[None, :] < K),
+                   other=0)
+
+
+@triton.jit
 def _state(b, R: tl.constexpr, C: tl.constexpr, BF16: tl.constexpr):
     """Packed bytes [R, C] -> int32 [R, C // 2]: the bytes of tile columns 2j and 2j+1 in the
     low and high halves, as digit 0's state (times 3: Z)."""
@@ -130,9 +137,7 @@ def _matmul_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, b_ptr, out_ptr,
         xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None],
                      mask=(k[:, None] < K) & (rm[None, :] < M), other=0.0)  # [BLOCK, BLOCK_M]
         s = tl.sum(xt.to(tl.float32), axis=0)
-        b = tl.load(p_ptr + rg[:, None].to(tl.int64) * K + k[None, :],
-                    mask=(rg[:, None] < G) & (k[None, :] < K), other=0)
-        z = _state(b, BLOCK_G, BLOCK, BF16)
+        z = _state(_packed_tile(p_ptr, rg, k, K, G), BLOCK_G, BLOCK, BF16)
         acc0, z = _digit(acc0, z, xt, s, a_ptr, m_ptr, rg, blk, N, NB, 0, BLOCK_G, BLOCK, BF16)
         acc1, z = _digit(acc1, z, xt, s, a_ptr, m_ptr, rg, blk, N, NB, 1, BLOCK_G, BLOCK, BF16)
         acc2, z = _digit(acc2, z, xt, s, a_ptr, m_ptr, rg, blk, N, NB, 2, BLOCK_G, BLOCK, BF16)
@@ -166,8 +171,7 @@ def _dequant_kernel(p_ptr, a_ptr, m_ptr, w_ptr, N, K, G, NB,
     rg = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     blk = tl.program_id(1)
     k = blk * BLOCK + tl.arange(0, BLOCK)
-    b = tl.load(p_ptr + rg[:, None].to(tl.int64) * K + k[None, :], mask=(rg[:, None] < G) & (k[None, :] < K), other=0)
-    z = _state(b, BLOCK_G, BLOCK, BF16)
+    z = _state(_packed_tile(p_ptr, rg, k, K, G), BLOCK_G, BLOCK, BF16)
     for i in tl.static_range(5):
         w, z = _weights(z, BLOCK_G, BLOCK, BF16)
         n = rg * 5 + i
