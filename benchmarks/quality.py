@@ -75,6 +75,10 @@ ROWS = {
                                              "10% damping", "pt2llm",
                                              ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual",
                                               "--refine", "4", "--percdamp", "0.1"]),
+    "pt2-rot-hessian-residual-refine-tdamp": ("PT² + rotation, Hessian order, residual target, refinement (4 sweeps), "
+                                              "1% damping, 30% in the target's solve", "pt2llm",
+                                              ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual",
+                                               "--refine", "4", "--percdamp", "0.01", "--target-damp", "0.3"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 

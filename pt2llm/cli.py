@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=None,
                    help="Hessian damping, fraction of mean diag (default 0.01, the paper's; 0.1 with --target "
                         "float or residual)")
+    q.add_argument("--target-damp", type=float, default=None, metavar="F",
+                   help="with --target float / residual: damping of the target's own solve W* = W + (W D + P)"
+                        "(H + F mean(diag H) I)^-1, apart from GPTQ's --percdamp (default: --percdamp's value)")
     q.add_argument("--device", default=None, help="compute device: cpu | cuda | cuda:N (default: cuda if available)")
     q.add_argument("--devices", default=None, metavar="LIST",
                    help="spread the work over several GPUs, one process each, e.g. cuda:0,cuda:1 (cpu,cpu for "

@@ -82,7 +82,8 @@ def _quantize(args, device: str, dist) -> int:
     cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                              max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
-                             rotate=args.rotate, target=args.target, refine=args.refine)
+                             rotate=args.rotate, target=args.target, refine=args.refine,
+                             target_damp=args.target_damp)
     out = Path(args.out)
     checkpoint.check_writable(out, args.overwrite)
     t0 = time.perf_counter()

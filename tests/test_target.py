@@ -4,6 +4,7 @@ import torch
 
 from pt2llm import data, ternary
 from pt2llm.model import driver, sources
+from pt2llm.nn import TernaryLinear
 from pt2llm.ternary.target import CrossAccumulator, DriftAccumulator, float_target
 
 
@@ -48,11 +49,12 @@ def test_float_target_is_w_when_the_streams_agree_even_damped():
     torch.testing.assert_close(float_target(W.float(), acc.H, acc.D, percdamp=0.01), W.float(), rtol=0, atol=0)
 
 
-def _quantized(d, target: str, percdamp: float | None = None):
-    """The tiny test model in d, quantized in memory with QuantConfig(target=target, percdamp=percdamp)."""
+def _quantized(d, target: str, percdamp: float | None = None, **config):
+    """The tiny test model in d, quantized in memory with QuantConfig(target=target, percdamp=percdamp, **config)."""
     model, tok, _ = sources.load_float(str(d / "float"))
     calib = data.calibration_windows(str(d / "calib.txt"), tok, 4, 64, 0)
-    driver.quantize_model(model, calib, driver.QuantConfig(target=target, percdamp=percdamp), progress=False)
+    driver.quantize_model(model, calib, driver.QuantConfig(target=target, percdamp=percdamp, **config),
+                          progress=False)
     return model
 
 
@@ -82,6 +84,51 @@ def test_damping_defaults_to_the_papers_and_to_ten_percent_when_fitting_the_floa
             driver.QuantConfig(percdamp=bad)
 
 
+def test_target_damp_is_the_solves_own_damping_and_defaults_to_percdamp():
+    for t in ("float", "residual"):
+        c = driver.QuantConfig(target=t)
+        assert c.target_damp is None and c.solve_damp == c.percdamp == 0.1
+        assert "target_damp" not in c.to_dict()  # one damping, recorded as before the option existed
+        c = driver.QuantConfig(target=t, percdamp=0.01, target_damp=0.3)
+        assert (c.percdamp, c.solve_damp) == (0.01, 0.3)
+        assert c.to_dict()["target_damp"] == 0.3
+    with pytest.raises(ValueError, match="--target float"):
+        driver.QuantConfig(target_damp=0.3)  # GPTQ's own target has no solve to damp
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="target-damp"):
+            driver.QuantConfig(target="float", target_damp=bad)
+
+
+def test_driver_damps_the_target_solve_and_gptq_apart(tiny, monkeypatch):
+    """With --target-damp, W*'s solve gets that damping and GPTQ (and refinement) keep --percdamp."""
+    _, d = tiny
+    solve, gptq = [], []
+    real_target, real_gptq = ternary.target.float_target, ternary.quantize_weight
+
+    def target_spy(W, H, D, percdamp=0.01, P=None):
+        solve.append(percdamp)
+        return real_target(W, H, D, percdamp, P)
+
+    def gptq_spy(*args, **kwargs):
+        gptq.append(kwargs["percdamp"])
+        return real_gptq(*args, **kwargs)
+
+    def refine_spy(result, *args, **kwargs):
+        refined.append(result.damp)
+        return real_refine(result, *args, **kwargs)
+
+    refined, real_refine = [], ternary.refine.refine
+    monkeypatch.setattr(ternary.target, "float_target", target_spy)
+    monkeypatch.setattr(ternary, "quantize_weight", gptq_spy)
+    monkeypatch.setattr(ternary.refine, "refine", refine_spy)
+    model = _quantized(d, "residual", percdamp=0.02, target_damp=0.3, refine=1)
+    n_linears = sum(isinstance(m, TernaryLinear) for m in model.modules())
+    assert solve == [0.3] * n_linears and gptq == refined == [0.02] * n_linears
+    solve.clear(), gptq.clear()
+    _quantized(d, "residual")
+    assert set(solve) == set(gptq) == {driver.TARGET_DAMP}
+
+
 def test_cli_leaves_damping_to_the_config(tiny, tmp_path):
     """No --percdamp on the command line: the folder records the target's default."""
     import json
@@ -95,6 +142,22 @@ def test_cli_leaves_damping_to_the_config(tiny, tmp_path):
                      "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["percdamp"] == 0.1
+    assert "target_damp" not in cfg["quantization_config"]
+
+
+def test_cli_target_damp(tiny, tmp_path, capsys):
+    import json
+
+    from pt2llm import cli
+
+    _, d = tiny
+    args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "2", "--seqlen", "32",
+            "--device", "cpu", "--no-progress", "--target-damp", "0.3"]
+    assert cli.main([*args, "--out", str(tmp_path / "refused")]) == 2  # GPTQ's own target: nothing to damp
+    assert "--target-damp" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert cli.main([*args, "--target", "residual", "--percdamp", "0.01", "--out", str(tmp_path / "q")]) == 0
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qc["percdamp"], qc["target_damp"]) == (0.01, 0.3)
 
 
 def test_killed_float_target_run_resumes_to_a_byte_identical_model(tiny, tmp_path):

@@ -45,7 +45,8 @@ RESIDUAL_WRITERS = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "pos
 # Hessian damping, as a fraction of mean(diag H): GPTQ's and the paper's 1 %, and 10 % when
 # fitting the float model (--target float / residual), where it also regularises the target's
 # solve W* = W + (W D + P)(H + λI)⁻¹: 10 % measured better on both real models
-# (docs/results/damping-qwen, docs/results/damping-cpu-quick).
+# (docs/results/damping-qwen, docs/results/damping-cpu-quick). `target_damp` sets that
+# solve's damping apart from GPTQ's (by default the two are one value).
 PAPER_DAMP = 0.01
 TARGET_DAMP = 0.1
 
@@ -65,6 +66,7 @@ class QuantConfig:
     target: str = "quantized"    # quantized (GPTQ) | float: fit the float model's outputs | residual: float, and
                                  # o_proj / down_proj also cancel the residual stream's drift (ternary/target.py)
     refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
+    target_damp: float | None = None  # damping of W*'s solve (--target float / residual); None: percdamp
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -87,6 +89,12 @@ class QuantConfig:
             self.percdamp = PAPER_DAMP if self.target == "quantized" else TARGET_DAMP
         if not self.percdamp >= 0:
             raise ValueError(f"--percdamp must be >= 0, got {self.percdamp}")
+        if self.target_damp is not None:
+            if self.target == "quantized":
+                raise ValueError("--target-damp damps the float model's target, so it needs --target float or "
+                                 "--target residual")
+            if not self.target_damp >= 0:
+                raise ValueError(f"--target-damp must be >= 0, got {self.target_damp}")
         if self.refine < 0:
             raise ValueError(f"--refine must be >= 0, got {self.refine}")
         if self.method == "rtn" and self.refine:
@@ -111,7 +119,14 @@ class QuantConfig:
             d.pop("target")  # the default, as before the option existed: older work folders still resume
         if not self.refine:
             d.pop("refine")
+        if self.target_damp is None:
+            d.pop("target_damp")  # one damping for both solves, as before the option existed
         return d
+
+    @property
+    def solve_damp(self) -> float:
+        """The damping of the float / residual target's solve W* (`ternary.target.float_target`)."""
+        return self.percdamp if self.target_damp is None else self.target_damp
 
 
 @dataclass
@@ -385,7 +400,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
             w = linears[n].weight
             if D is not None:
                 with stage("float_target"):
-                    w = ternary.target.float_target(w, H, D, config.percdamp, P)
+                    w = ternary.target.float_target(w, H, D, config.solve_damp, P)
             got[n] = ternary.quantize_weight(w, H, quantizer, block_size=config.block_size,
                                              reorder=config.reorder, percdamp=config.percdamp, seed=config.seed)
             if config.refine:
