@@ -1,8 +1,10 @@
 """--target float (asymmetric calibration): W* against least squares, and in the driver."""
+import json
+
 import pytest
 import torch
 
-from pt2llm import data, ternary
+from pt2llm import cli, data, ternary
 from pt2llm.model import driver, sources
 from pt2llm.nn import TernaryLinear
 from pt2llm.ternary.target import CrossAccumulator, DriftAccumulator, float_target
@@ -102,8 +104,8 @@ def test_target_damp_is_the_solves_own_damping_and_defaults_to_percdamp():
 def test_driver_damps_the_target_solve_and_gptq_apart(tiny, monkeypatch):
     """With --target-damp, W*'s solve gets that damping and GPTQ (and refinement) keep --percdamp."""
     _, d = tiny
-    solve, gptq = [], []
-    real_target, real_gptq = ternary.target.float_target, ternary.quantize_weight
+    solve, gptq, refined = [], [], []  # the damping each call got, one entry per linear
+    real_target, real_gptq, real_refine = ternary.target.float_target, ternary.quantize_weight, ternary.refine.refine
 
     def target_spy(W, H, D, percdamp=0.01, P=None):
         solve.append(percdamp)
@@ -117,24 +119,20 @@ def test_driver_damps_the_target_solve_and_gptq_apart(tiny, monkeypatch):
         refined.append(result.damp)
         return real_refine(result, *args, **kwargs)
 
-    refined, real_refine = [], ternary.refine.refine
     monkeypatch.setattr(ternary.target, "float_target", target_spy)
     monkeypatch.setattr(ternary, "quantize_weight", gptq_spy)
     monkeypatch.setattr(ternary.refine, "refine", refine_spy)
     model = _quantized(d, "residual", percdamp=0.02, target_damp=0.3, refine=1)
     n_linears = sum(isinstance(m, TernaryLinear) for m in model.modules())
     assert solve == [0.3] * n_linears and gptq == refined == [0.02] * n_linears
-    solve.clear(), gptq.clear()
+    solve.clear()
+    gptq.clear()
     _quantized(d, "residual")
     assert set(solve) == set(gptq) == {driver.TARGET_DAMP}
 
 
 def test_cli_leaves_damping_to_the_config(tiny, tmp_path):
     """No --percdamp on the command line: the folder records the target's default."""
-    import json
-
-    from pt2llm import cli
-
     _, d = tiny
     out = tmp_path / "q"
     assert cli.main(["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "2",
@@ -146,10 +144,6 @@ def test_cli_leaves_damping_to_the_config(tiny, tmp_path):
 
 
 def test_cli_target_damp(tiny, tmp_path, capsys):
-    import json
-
-    from pt2llm import cli
-
     _, d = tiny
     args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "2", "--seqlen", "32",
             "--device", "cpu", "--no-progress", "--target-damp", "0.3"]
@@ -164,8 +158,6 @@ def test_killed_float_target_run_resumes_to_a_byte_identical_model(tiny, tmp_pat
     """A resumed layer is loaded quantized, but the float stream must still pass through the
     float layer: the resumed run equals an uninterrupted one."""
     from tinymodels import quantize_killed_after_first_layer, sha256
-
-    from pt2llm import cli
 
     _, d = tiny
     args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4",
