@@ -16,6 +16,8 @@ Rows (--rows picks a subset by name; `--list` prints them):
   Table 2b: reorder-none, reorder-random, reorder-hessian (pt2 is reorder ssr),
   rotations (issue 7): pt2-rot, pt2-rot-hessian, pt2-rot-none, gptq2-rot.
   fitting the float model's outputs (--target float): pt2-float, pt2-rot-hessian-float.
+  beyond the paper, on top of rotation: pt2-refine, pt2-rot-hessian-float-refine, the residual target
+  (pt2-rot-hessian-residual*), damping (-damp, -tdamp) and the lm_head refit (-head).
 Quantization wall times are measured with --jobs rows sharing one GPU: compare them with
 each other, not with benchmarks/quant_time.py.
 """
@@ -79,6 +81,10 @@ ROWS = {
                                               "1% damping, 30% in the target's solve", "pt2llm",
                                               ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual",
                                                "--refine", "4", "--percdamp", "0.01", "--target-damp", "0.3"]),
+    "pt2-rot-hessian-residual-refine-head": ("PT² + rotation, Hessian order, residual target, refinement (4 sweeps), "
+                                             "10% damping, lm_head refit", "pt2llm",
+                                             ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual",
+                                              "--refine", "4", "--percdamp", "0.1", "--fit-head"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after GPTQ, N sweeps alternating the joint (alpha, mu) of all blocks of a row with "
                         "coordinate descent on the codes, both in the layer's output error (beyond the paper; "
                         "default 0: off)")
+    q.add_argument("--fit-head", action="store_true",
+                   help="with --target float / residual: at the end, refit the 16-bit lm_head by least squares "
+                        "so that its logits on the quantized model's final hidden states match the float "
+                        "model's on the calibration windows (beyond the paper; a tied lm_head is untied, "
+                        "which stores it apart from the embeddings)")
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")

@@ -62,7 +62,8 @@ def quantize(args) -> int:
     if devices is not None and len(devices) > 1:
         # what fails the same way on every rank fails here, once, before the processes start
         driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size, reorder=args.reorder,
-                           rotate=args.rotate, target=args.target, refine=args.refine)
+                           percdamp=args.percdamp, rotate=args.rotate, target=args.target, refine=args.refine,
+                           target_damp=args.target_damp, fit_head=args.fit_head)
         checkpoint.check_writable(Path(args.out), args.overwrite)
         if args.model in sources.ALIASES:  # fetched once, not by every rank at the same time
             sources.fetch_alias(args.model, progress=not args.no_progress)
@@ -83,7 +84,7 @@ def _quantize(args, device: str, dist) -> int:
                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                              max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
                              rotate=args.rotate, target=args.target, refine=args.refine,
-                             target_damp=args.target_damp)
+                             target_damp=args.target_damp, fit_head=args.fit_head)
     out = Path(args.out)
     checkpoint.check_writable(out, args.overwrite)
     t0 = time.perf_counter()
@@ -136,6 +137,9 @@ def _quantize(args, device: str, dist) -> int:
           f"peak host {_peak_host_gib():.2f} GiB{gpu}; saved {out}", file=sys.stderr)
     for name, damp, rebuilt in stats.damping_raised:
         print(f"  note: {name}: damping raised to {damp:g}, inverse rebuilt {rebuilt}x", file=sys.stderr)
+    if stats.head is not None:
+        print(f"  lm_head refit: calibration logit error {stats.head['logit_error_before']:.4f} -> "
+              f"{stats.head['logit_error_after']:.4f} of the float logits' energy", file=sys.stderr)
     if args.report:
         rep = {"model": args.model, "out": str(out), "device": device,
                "devices": [device] if dist is None else dist.devices,
@@ -144,6 +148,8 @@ def _quantize(args, device: str, dist) -> int:
                "peak_host_gib": round(_peak_host_gib(), 3),
                "peak_gpu_gib": None if peak_gpu is None else round(peak_gpu, 3),
                "config": qc, "per_layer": stats.layers}
+        if stats.head is not None:
+            rep["fit_head"] = stats.head
         if dist is not None:  # who quantized what (rank 0's peak memory and host figures above)
             rep["ranks"] = stats.ranks
             rep["owners"] = stats.owners

@@ -49,6 +49,8 @@ RESIDUAL_WRITERS = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "pos
 # solve's damping apart from GPTQ's (by default the two are one value).
 PAPER_DAMP = 0.01
 TARGET_DAMP = 0.1
+# --fit-head: damping of the lm_head refit's solve (flat from 0.1 % to 10 % on SmolLM2, quick protocol)
+HEAD_DAMP = 0.01
 
 
 @dataclass
@@ -67,6 +69,7 @@ class QuantConfig:
                                  # o_proj / down_proj also cancel the residual stream's drift (ternary/target.py)
     refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
     target_damp: float | None = None  # damping of W*'s solve (--target float / residual); None: percdamp
+    fit_head: bool = False       # refit the 16-bit lm_head to the float logits at the end (`fit_head`)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -95,6 +98,9 @@ class QuantConfig:
                                  "--target residual")
             if not self.target_damp >= 0:
                 raise ValueError(f"--target-damp must be >= 0, got {self.target_damp}")
+        if self.fit_head and self.target == "quantized":
+            raise ValueError("--fit-head fits the float model's logits, so it needs --target float or "
+                             "--target residual")
         if self.refine < 0:
             raise ValueError(f"--refine must be >= 0, got {self.refine}")
         if self.method == "rtn" and self.refine:
@@ -121,6 +127,8 @@ class QuantConfig:
             d.pop("refine")
         if self.target_damp is None:
             d.pop("target_damp")  # one damping for both solves, as before the option existed
+        if not self.fit_head:
+            d.pop("fit_head")
         return d
 
     @property
@@ -136,6 +144,7 @@ class DriverStats:
     damping_raised: list = field(default_factory=list)
     owners: dict = field(default_factory=dict)   # several devices: linear's dotted name -> rank
     ranks: list = field(default_factory=list)    # several devices: per rank, device and its own seconds
+    head: dict | None = None                     # --fit-head: the calibration logit error before and after
 
 
 def find_decoder_layers(model: nn.Module):
@@ -289,6 +298,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         if missing:
             raise DriverError(f"--target residual needs Llama-style decoder layers; {layers_name}.0 has no "
                               f"{', '.join(missing)}")
+    if config.fit_head:
+        final_norm(model, parent)  # refuse before any work
     if layer_loader is None:
         check_finite(layers, layers_name)
     quantizer = config.quantizer()
@@ -348,6 +359,11 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
             layers[i] = layers[i].to("meta")  # streaming: the saved layer is read back at the end
         replaced += [f"{layers_name}.{i}.{n}" for n in names]
         stats.layers.append({"layer": i, "seconds": round(time.perf_counter() - t_layer, 3), "resumed": i < done})
+    if config.fit_head:
+        with stage("fit_head"):
+            t = time.perf_counter()
+            stats.head = fit_head(model, final_norm(model, parent), inps, finps, device)
+            stats.seconds["fit_head"] = time.perf_counter() - t
     _round_to_fp16(model)
     if dist is not None:
         mine = sum(1 for r in stats.owners.values() if r == dist.rank)
@@ -355,6 +371,52 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
                                               "quantize_seconds": round(stats.seconds["quantize"], 3),
                                               "share_seconds": round(stats.seconds["share"], 3)})
     return replaced
+
+
+def final_norm(model: nn.Module, parent: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and lm_head (Llama-style: model.model.norm)."""
+    norm = getattr(parent, "norm", None)
+    if not isinstance(norm, nn.Module) or model.get_output_embeddings() is None:
+        raise DriverError("--fit-head needs a final norm at the decoder's `norm` and an lm_head "
+                          "(Llama-style causal LMs)")
+    return norm
+
+
+_HEAD_CHUNK = 16384  # lm_head rows mapped at a time
+
+
+@torch.no_grad()
+def fit_head(model: nn.Module, norm: nn.Module, inps, finps, device) -> dict:
+    """--fit-head (beyond the paper): refit the 16-bit lm_head W by least squares so that on
+    the calibration windows its logits from the quantized model's final hidden states z match
+    the float model's W z̃ (z = norm(last layer's output), both streams): W* = W M,
+    M = I + D (H + λI)⁻¹ (`ternary.target.float_target_map`, λ = HEAD_DAMP), the float
+    target's solve with nothing quantized. A lm_head tied to the embeddings is untied first
+    (the embeddings keep their weight). Returns the calibration logit error
+    Σ‖W' z − W z̃‖² / Σ‖W z̃‖² before (W' = W) and after."""
+    rotate.fold.untie_lm_head(model)
+    head = model.get_output_embeddings()
+    home = next(norm.parameters(), torch.empty(0)).device
+    norm.to(device)
+    d = head.in_features
+    acc, accf = ternary.target.CrossAccumulator(d, device=device), ternary.HessianAccumulator(d, device=device)
+    for x, xf in zip(inps, finps):
+        z, zf = norm(x), norm(xf)
+        acc.add(z, zf)
+        accf.add(zf)
+    norm.to(home)
+    M = ternary.target.float_target_map(acc.H, acc.D, HEAD_DAMP)
+    W = head.weight
+    G = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for r in range(0, W.shape[0], _HEAD_CHUNK):
+        w = W[r:r + _HEAD_CHUNK].to(device=device, dtype=torch.float64)
+        G.addmm_(w.T, w)
+        W[r:r + _HEAD_CHUNK] = (w @ M).to(device=W.device, dtype=W.dtype)
+    eye = torch.eye(d, dtype=torch.float64, device=device)
+    energy = ternary.target.logit_error(G, 0 * eye, acc.H, acc.D, accf.H)  # Σ‖W z̃‖²
+    before = ternary.target.logit_error(G, eye, acc.H, acc.D, accf.H)
+    after = ternary.target.logit_error(G, M, acc.H, acc.D, accf.H)
+    return {"logit_error_before": before / energy, "logit_error_after": after / energy}
 
 
 def _inject_fault(i: int) -> None:

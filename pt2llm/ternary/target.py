@@ -19,6 +19,11 @@ float model's, h + Ŵx ≈ h̃ + W x̃, so they also cancel what they can of the
 that the quantized layers before them left in the stream:
 
     ‖Ŵ X − (W X̃ + R)‖² = ‖(Ŵ − W*) X‖² + const,   W* = W + (W D + P) H⁻¹,   P = 2/N Σ rᵀ x.
+
+The same least squares also refits a 16-bit linear that is not quantized at all (--fit-head:
+lm_head on the final normed hidden states): W* itself is then the new weight. Its solve is
+`float_target_map`, W* = W M with M = I + D (H + λI)⁻¹ [in, in], so a weight with many rows
+(a 150k-token vocabulary) is mapped chunk by chunk and never held in float64 at once.
 """
 from __future__ import annotations
 
@@ -74,6 +79,26 @@ class DriftAccumulator(CrossAccumulator):
         if scaled is not None:
             s, xs = scaled
             self.P.addmm_((r * s).T, xs)
+
+
+def float_target_map(H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """M = I + D (H + λI)⁻¹ in float64 [in, in], λ = percdamp · mean(diag H): `float_target`
+    without drift is W ↦ W M, for any W."""
+    Hd = damped(H.double(), percdamp)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    Dt = D.double().T
+    Y = torch.cholesky_solve(Dt, L) if int(info) == 0 else torch.linalg.lstsq(Hd, Dt).solution  # Hd Y = Dᵀ
+    return torch.eye(H.shape[0], dtype=torch.float64, device=H.device) + Y.T
+
+
+def logit_error(G: torch.Tensor, M: torch.Tensor, Hq: torch.Tensor, D: torch.Tensor, Hf: torch.Tensor) -> float:
+    """Σ‖W M x − W x̃‖² over the rows accumulated in Hq = Σ xᵀx, D = Σ (x̃ − x)ᵀ x and
+    Hf = Σ x̃ᵀx̃ (any common scale), from G = WᵀW alone: tr(G S) with
+    S = M Hq Mᵀ − M C − Cᵀ Mᵀ + Hf, C = Σ xᵀx̃ = (D + Hq)ᵀ."""
+    G, M, Hq, Hf = G.double(), M.double(), Hq.double(), Hf.double()
+    C = (D.double() + Hq).T
+    S = M @ Hq @ M.T - M @ C - C.T @ M.T + Hf
+    return float((G * S).sum())
 
 
 def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01,
