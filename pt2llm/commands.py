@@ -61,9 +61,7 @@ def quantize(args) -> int:
             return _quantize(args, device, dist)
     if devices is not None and len(devices) > 1:
         # what fails the same way on every rank fails here, once, before the processes start
-        driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size, reorder=args.reorder,
-                           percdamp=args.percdamp, rotate=args.rotate, target=args.target, refine=args.refine,
-                           target_damp=args.target_damp, fit_head=args.fit_head)
+        _config(args)
         checkpoint.check_writable(Path(args.out), args.overwrite)
         if args.model in sources.ALIASES:  # fetched once, not by every rank at the same time
             sources.fetch_alias(args.model, progress=not args.no_progress)
@@ -77,14 +75,19 @@ def _quantize_rank(args, dist) -> int:
     return _quantize(args, dist.device, dist)
 
 
+def _config(args) -> driver.QuantConfig:
+    """The quantize command's QuantConfig (raises ValueError on a bad combination)."""
+    return driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
+                              itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
+                              max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
+                              rotate=args.rotate, target=args.target, refine=args.refine,
+                              target_damp=args.target_damp, fit_head=args.fit_head)
+
+
 def _quantize(args, device: str, dist) -> int:
     main = dist is None or dist.is_main  # only rank 0 writes and prints
     progress = not args.no_progress and main
-    cfg = driver.QuantConfig(method=args.method, bits=args.bits, block_size=args.block_size,
-                             itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
-                             max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
-                             rotate=args.rotate, target=args.target, refine=args.refine,
-                             target_damp=args.target_damp, fit_head=args.fit_head)
+    cfg = _config(args)
     out = Path(args.out)
     checkpoint.check_writable(out, args.overwrite)
     t0 = time.perf_counter()

@@ -94,7 +94,7 @@ def test_driver_fit_head_lowers_the_calibration_logit_error_and_touches_nothing_
 
 
 def test_cli_fit_head(tiny, tmp_path, capsys):
-    kind, d = tiny
+    _, d = tiny
     args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4", "--seqlen", "64",
             "--device", "cpu", "--no-progress", "--fit-head"]
     assert cli.main([*args, "--out", str(tmp_path / "refused")]) == 2

@@ -298,8 +298,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         if missing:
             raise DriverError(f"--target residual needs Llama-style decoder layers; {layers_name}.0 has no "
                               f"{', '.join(missing)}")
-    if config.fit_head:
-        final_norm(model, parent)  # refuse before any work
+    head_norm = final_norm(model, parent) if config.fit_head else None  # refused before any work
     if layer_loader is None:
         check_finite(layers, layers_name)
     quantizer = config.quantizer()
@@ -362,7 +361,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
     if config.fit_head:
         with stage("fit_head"):
             t = time.perf_counter()
-            stats.head = fit_head(model, final_norm(model, parent), inps, finps, device)
+            stats.head = fit_head(model, head_norm, inps, finps, device)
             stats.seconds["fit_head"] = time.perf_counter() - t
     _round_to_fp16(model)
     if dist is not None:
@@ -412,9 +411,8 @@ def fit_head(model: nn.Module, norm: nn.Module, inps, finps, device) -> dict:
         w = W[r:r + _HEAD_CHUNK].to(device=device, dtype=torch.float64)
         G.addmm_(w.T, w)
         W[r:r + _HEAD_CHUNK] = (w @ M).to(device=W.device, dtype=W.dtype)
-    eye = torch.eye(d, dtype=torch.float64, device=device)
-    energy = ternary.target.logit_error(G, 0 * eye, acc.H, acc.D, accf.H)  # Σ‖W z̃‖²
-    before = ternary.target.logit_error(G, eye, acc.H, acc.D, accf.H)
+    energy = float((G * accf.H.double()).sum())  # Σ‖W z̃‖² = tr(WᵀW Σ z̃ z̃ᵀ)
+    before = ternary.target.logit_error(G, torch.eye(d, dtype=torch.float64, device=device), acc.H, acc.D, accf.H)
     after = ternary.target.logit_error(G, M, acc.H, acc.D, accf.H)
     return {"logit_error_before": before / energy, "logit_error_after": after / energy}
 

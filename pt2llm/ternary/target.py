@@ -81,13 +81,20 @@ class DriftAccumulator(CrossAccumulator):
             self.P.addmm_((r * s).T, xs)
 
 
+def _damped_solve(H: torch.Tensor, rhs: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Y with (H + λI) Y = rhs in float64, λ = percdamp · mean(diag H) (GPTQ's damping): by
+    Cholesky, or least squares if the damped H is still not positive definite."""
+    Hd = damped(H.double(), percdamp)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        return torch.linalg.lstsq(Hd, rhs).solution
+    return torch.cholesky_solve(rhs, L)
+
+
 def float_target_map(H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """M = I + D (H + λI)⁻¹ in float64 [in, in], λ = percdamp · mean(diag H): `float_target`
     without drift is W ↦ W M, for any W."""
-    Hd = damped(H.double(), percdamp)
-    L, info = torch.linalg.cholesky_ex(Hd)
-    Dt = D.double().T
-    Y = torch.cholesky_solve(Dt, L) if int(info) == 0 else torch.linalg.lstsq(Hd, Dt).solution  # Hd Y = Dᵀ
+    Y = _damped_solve(H, D.double().T, percdamp)                # H is symmetric: (D Hd⁻¹)ᵀ = Hd⁻¹ Dᵀ
     return torch.eye(H.shape[0], dtype=torch.float64, device=H.device) + Y.T
 
 
@@ -106,15 +113,9 @@ def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: fl
     """W* = W + (W D + P) (H + λI)⁻¹, λ = percdamp · mean(diag H) (GPTQ's damping), computed in
     float64 and returned in float32: the weight whose GPTQ fit on X fits W on X̃ (plus the
     drift R, when P is given)."""
-    Hd = damped(H.double(), percdamp)
     W64 = W.double()
     WD = W64 @ D.double()
     if P is not None:
         WD = WD + P.double()
-    rhs = WD.T                                                  # solve Hd Y = (W D + P)ᵀ; Hd is symmetric
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if int(info) != 0:
-        Y = torch.linalg.lstsq(Hd, rhs).solution
-    else:
-        Y = torch.cholesky_solve(rhs, L)
+    Y = _damped_solve(H, WD.T, percdamp)                        # Hd Y = (W D + P)ᵀ; Hd is symmetric
     return (W64 + Y.T).to(torch.float32)
