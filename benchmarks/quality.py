@@ -122,6 +122,7 @@ def run_row(name: str, args, work: Path) -> dict:
     from pt2llm import checkpoint, commands, peers
     from pt2llm.eval import evaluate, tasks
     from pt2llm.model import sources
+    from pt2llm.rotate import online
 
     label, kind, qargs = ROWS[name]
     row = {"row": name, "label": label, "kind": kind, "args": qargs, "model": args.model}
@@ -142,6 +143,9 @@ def run_row(name: str, args, work: Path) -> dict:
         calib = rep["config"]["calibration"]  # None for the data-free methods
         row["calibration"] = (f"{calib['source']} {calib['nsamples']} x {calib['seqlen']}" if calib
                               else "none (data-free)")
+        rotation = online.record_of(model.config)
+        if rotation is not None:  # which linears of a layer take an online transform (rotate/fold.py ONLINE)
+            row["rotation_online"] = sorted({n.split(".")[-2] + "." + n.split(".")[-1] for n in rotation["online"]})
     else:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         model, tok, _ = sources.load_any(args.model, dtype=dtype, device=args.device, progress=False)
@@ -239,12 +243,19 @@ def markdown(rows: list[dict], args) -> str:
              f"{jobs} rows sharing the device: compare rows with each other, not with "
              f"quant-time.md.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    older = False
     for r in rows:
         t = r["tasks"]
-        cells = [r["label"], f"{r['bits_per_weight']:.2f}", _ppl(r["wikitext2"]["ppl"]), _ppl(r["c4"]["ppl"])]
+        label = r["label"]
+        if "hadamard" in r.get("args", []) and "self_attn.o_proj" not in r.get("rotation_online", []):
+            label, older = label + " †", True
+        cells = [label, f"{r['bits_per_weight']:.2f}", _ppl(r["wikitext2"]["ppl"]), _ppl(r["c4"]["ppl"])]
         cells += [f"{100 * t[k][MEAN_METRIC[k]]:.1f}" for k in PAPER_TASKS]
         cells += [f"{100 * t['mean']['value']:.2f}", f"{r['quant_seconds']:.0f}" if "quant_seconds" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    if older:
+        lines += ["", "† Rotated before o_proj had its own online transform (2026-11-23): an online Hadamard "
+                  "on down_proj's input only, o_proj's input rotated per head only (docs/results/rotation-oproj/)."]
     missing = [n for n in ROWS if n not in {r["row"] for r in rows}]
     if missing:
         lines += ["", f"Not measured in this table: {', '.join(missing)}."]

@@ -49,21 +49,25 @@ def test_rotated_float_model_gives_the_same_logits(tiny):
     record = fold.rotate_model(model, seed=0)
     out = _logits(model, tok)
     _close(out, ref)
-    # it did rotate: embeddings changed, norms folded to 1, lm_head untied, down_proj online
+    # it did rotate: embeddings changed, norms folded to 1, lm_head untied, o_proj and down_proj online
     assert (model.model.embed_tokens.weight - emb).abs().max() > 0.01
     assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in
                [model.model.norm] + [lay.input_layernorm for lay in model.model.layers])
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert record["untied_lm_head"] == tied and model.config.tie_word_embeddings is False
-    assert record["online"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    assert isinstance(model.model.layers[0].mlp.down_proj, online.RotatedLinear)
-    # each part matters: without down_proj's online transform the model is wrong
-    down = model.model.layers[0].mlp.down_proj
-    with torch.no_grad():
-        wrong = down.input_transform.signs.clone()
-        wrong[0] *= -1
-        down.input_transform.signs.copy_(wrong)
-    assert (_logits(model, tok) - ref).abs().max() > 1e-3
+    assert record["online"] == [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn.o_proj", "mlp.down_proj")]
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, online.RotatedLinear)
+    assert isinstance(layer.self_attn.o_proj, online.RotatedLinear)
+    assert layer.self_attn.o_proj.input_transform.size == layer.self_attn.o_proj.in_features
+    # each part matters: with a wrong sign in either online transform the model is wrong
+    for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        with torch.no_grad():
+            lin.input_transform.signs[0] *= -1
+        assert (_logits(model, tok) - ref).abs().max() > 1e-3
+        with torch.no_grad():
+            lin.input_transform.signs[0] *= -1
+        _close(_logits(model, tok), ref)
 
 
 def test_a_second_rotation_and_other_models_are_refused(tiny):
@@ -87,6 +91,7 @@ def test_rotate_command_writes_a_loadable_rotated_folder(tiny, tmp_path, capsys)
     assert cfg["pt2llm_rotation"]["seed"] == 3 and cfg["tie_word_embeddings"] is False
     rotated, tok, source = sources.load_float(str(out))
     assert source.get("rotated") and isinstance(rotated.model.layers[1].mlp.down_proj, online.RotatedLinear)
+    assert isinstance(rotated.model.layers[1].self_attn.o_proj, online.RotatedLinear)
     original, _, _ = sources.load_float(str(d / "float"))
     _close(_logits(rotated, tok), _logits(original, tok))
     # the signs are read from the folder, not invented: a different seed gives other signs
@@ -94,6 +99,8 @@ def test_rotate_command_writes_a_loadable_rotated_folder(tiny, tmp_path, capsys)
     assert torch.equal(rotated.model.layers[1].mlp.down_proj.input_transform.signs,
                        fold.Plan.for_model(original, seed=3).down[1])
     assert not torch.equal(rotated.model.layers[1].mlp.down_proj.input_transform.signs, other)
+    assert torch.equal(rotated.model.layers[1].self_attn.o_proj.input_transform.signs,
+                       fold.Plan.for_model(original, seed=3).attn[1])
     # quantizing the rotated folder is the same as quantizing with --rotate hadamard
     quantize(d, tmp_path / "q-unrotated", "--seed", "3")  # a control
     args = ["--calib", str(d / "calib.txt"), "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
@@ -121,6 +128,8 @@ def test_rotate_quantize_save_load_round_trip(tiny, tmp_path, capsys):
     assert len(mods) == 14
     down = model.model.layers[1].mlp.down_proj
     assert isinstance(down, pt2llm.TernaryLinear) and isinstance(down.input_transform, online.OnlineHadamard)
+    o = model.model.layers[1].self_attn.o_proj
+    assert isinstance(o, pt2llm.TernaryLinear) and isinstance(o.input_transform, online.OnlineHadamard)
     ref = _logits(model, tok)
     a = _logits(pt2llm.load(out)[0], tok)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

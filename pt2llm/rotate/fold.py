@@ -12,11 +12,16 @@ With R = diag(s) K_hidden (`hadamard`), per decoder layer:
   - the value path is rotated per head with a random Hadamard of head_dim, folded offline:
     v_proj's output rows (and bias) of each kv head by Qᵀ, o_proj's input columns of each
     attention head by Q (attention mixes tokens, not features, so it commutes);
-  - down_proj's input gets an online random Hadamard (`online.OnlineHadamard`): its weight
-    W Q offline, the activation x Q at run time.
+  - o_proj's and down_proj's inputs get an online random Hadamard of their whole width
+    (`online.OnlineHadamard`): the weight W P offline, the activation x P at run time. For
+    o_proj this mixes the heads, which the per-head Q cannot (QuaRot's H_heads ⊗ H_head):
+    heads differ in scale by up to 100x, and on Qwen2.5-Coder-0.5B the full transform cut
+    o_proj's calibration error (GPTQ objective, Hessian order, refine 4) by 14-31 % over the
+    per-head one alone (docs/results/rotation-oproj/).
 The signs come from one CPU generator seeded with `seed`, drawn in a fixed order (residual,
-then per layer: value heads, down_proj), so every layer's transforms are known up front and a
-layer can be rotated when it is loaded (streamed models). The math is done in float64 on the
+then per layer: value heads, down_proj; then per layer: o_proj, appended when o_proj's
+transform was added so the earlier signs stay what they were), so every layer's transforms
+are known up front and a layer can be rotated when it is loaded (streamed models). The math is done in float64 on the
 tensors' device and written back in their dtype.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 from . import hadamard, online
 
 MODEL_TYPES = ("llama", "qwen2")
+ONLINE = ("self_attn.o_proj", "mlp.down_proj")  # per layer, the linears with an online input transform
 _ROW_CHUNK = 8192
 
 
@@ -74,6 +80,7 @@ class Plan:
     residual: torch.Tensor            # [hidden] int8
     heads: list[torch.Tensor]         # per layer, [head_dim] int8
     down: list[torch.Tensor]          # per layer, [intermediate] int8
+    attn: list[torch.Tensor]          # per layer, [o_proj.in_features] int8
 
     @classmethod
     def for_model(cls, model: nn.Module, seed: int = 0) -> "Plan":
@@ -84,7 +91,8 @@ class Plan:
         for layer in layers:
             heads.append(hadamard.random_signs(layer.self_attn.head_dim, gen))
             down.append(hadamard.random_signs(layer.mlp.down_proj.in_features, gen))
-        return cls(seed, residual, heads, down)
+        attn = [hadamard.random_signs(layer.self_attn.o_proj.in_features, gen) for layer in layers]
+        return cls(seed, residual, heads, down, attn)
 
 
 def check_supported(model: nn.Module):
@@ -153,7 +161,7 @@ def rotate_outside(model: nn.Module, plan: Plan, layers_name: str = "model.layer
     _in_chunks(model.get_input_embeddings().weight, lambda e: rotate_input(e, r))
     _in_chunks(head.weight, lambda w: rotate_input(w, r))
     record = {"method": "hadamard", "seed": plan.seed, "untied_lm_head": untied,
-              "online": [f"{layers_name}.{i}.mlp.down_proj" for i in range(len(layers))]}
+              "online": [f"{layers_name}.{i}.{name}" for i in range(len(layers)) for name in ONLINE]}
     setattr(model.config, online.CONFIG_KEY, record)
     return record
 
@@ -163,19 +171,21 @@ def rotate_layer(layer: nn.Module, i: int, plan: Plan) -> None:
     att, mlp = layer.self_attn, layer.mlp
     _fold_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
     _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-    r, hs, ds, hd = plan.residual, plan.heads[i], plan.down[i], att.head_dim
+    r, hs, ds, hd, os_ = plan.residual, plan.heads[i], plan.down[i], att.head_dim, plan.attn[i]
     for lin in (att.q_proj, att.k_proj, mlp.gate_proj, mlp.up_proj):
         _write(lin.weight, rotate_input(lin.weight.double(), r))
     _write(att.v_proj.weight, rotate_heads_output(rotate_input(att.v_proj.weight.double(), r), hs, hd))
     if att.v_proj.bias is not None:
         _write(att.v_proj.bias, hadamard.transform(att.v_proj.bias.double().reshape(-1, hd), hs).reshape(-1))
-    _write(att.o_proj.weight, rotate_output(rotate_heads_input(att.o_proj.weight.double(), hs, hd), r))
+    o = rotate_input(rotate_heads_input(att.o_proj.weight.double(), hs, hd), os_)
+    _write(att.o_proj.weight, rotate_output(o, r))
     _write(mlp.down_proj.weight, rotate_output(rotate_input(mlp.down_proj.weight.double(), ds), r))
     for lin in (att.o_proj, mlp.down_proj):
         if lin.bias is not None:
             _write(lin.bias, hadamard.transform(lin.bias.double(), r))
-    online.attach(layer, "mlp.down_proj", online.OnlineHadamard(ds.numel(), ds.clone(),
-                                                                 device=mlp.down_proj.weight.device))
+    for name, signs in zip(ONLINE, (os_, ds)):
+        online.attach(layer, name, online.OnlineHadamard(signs.numel(), signs.clone(),
+                                                         device=mlp.down_proj.weight.device))
 
 
 def rotate_model(model: nn.Module, seed: int = 0) -> dict:
