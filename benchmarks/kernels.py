@@ -140,32 +140,40 @@ LAYERS = {"7B": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)],     
 
 
 def online(gen, ms=(1, 16)) -> list[dict]:
-    """Decode cost of the online Hadamard transform that a rotated model runs on down_proj's
-    input, against the same layer unrotated: per decoder layer (its seven linears, GQA-shaped
-    for 70B) at M = 1 and 16, fp16 F.linear vs ternary vs ternary + transform."""
+    """Decode cost of the online Hadamard transforms that a rotated model runs on o_proj's and
+    down_proj's inputs, against the same layer unrotated: per decoder layer (its seven linears,
+    GQA-shaped for 70B) at M = 1 and 16, fp16 F.linear vs ternary vs ternary + transforms, the
+    transforms by `hadamard_input` (the Triton kernel on CUDA) and by the torch path."""
+    def torch_path(x, signs):
+        return hadamard.transform(x.float(), signs).to(x.dtype)
+
     rows = []
     for name, shapes in LAYERS.items():
-        k_down = shapes[-1][1]
-        signs = (torch.randint(0, 2, (k_down,), device="cuda", generator=gen) * 2 - 1).to(torch.int8)
+        online_at = {3: shapes[3][1], 6: shapes[6][1]}  # o_proj, down_proj: their input widths
+        signs = {i: (torch.randint(0, 2, (k,), device="cuda", generator=gen) * 2 - 1).to(torch.int8)
+                 for i, k in online_at.items()}
         for m in ms:
-            fp16 = tern = had = 0.0
+            fp16 = tern = had = had_torch = 0.0
             for i, (n, k) in enumerate(shapes):
                 L = make_layer(n, k, gen)
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
                 w16 = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
                 fp16 += graph_us(lambda w: F.linear(x, w), {"w": w16})
-                tern += graph_us(lambda **c: tt.linear(x, **c), L)
-                if i == len(shapes) - 1:
-                    y = tt.linear(hadamard_input(x, signs), **L)
-                    assert torch.isfinite(y).all()
-                    had = graph_us(lambda **c: tt.linear(hadamard_input(x, signs), **c), L) - graph_us(
-                        lambda **c: tt.linear(x, **c), L)
+                t = graph_us(lambda **c: tt.linear(x, **c), L)
+                tern += t
+                if i in online_at:
+                    s = signs[i]
+                    y, ref = hadamard_input(x, s), torch_path(x, s)
+                    assert torch.isfinite(y).all() and (y.float() - ref.float()).norm() <= 2e-3 * ref.float().norm()
+                    had += graph_us(lambda **c: tt.linear(hadamard_input(x, s), **c), L) - t
+                    had_torch += graph_us(lambda **c: tt.linear(torch_path(x, s), **c), L) - t
                 del L, w16
-            kind, h = hadamard.plan(k_down)
-            row = {"layer": name, "M": m, "down_proj_in": k_down, "factor": f"{kind}:{h}",
+            factors = [f"{k} ({':'.join(map(str, hadamard.plan(k)))})" for k in online_at.values()]
+            row = {"layer": name, "M": m, "online_in": factors,
                    "fp16_us": round(fp16, 1), "ternary_us": round(tern, 1), "hadamard_us": round(had, 1),
+                   "hadamard_torch_us": round(had_torch, 1),
                    "speedup": round(fp16 / tern, 2), "speedup_rotated": round(fp16 / (tern + had), 2),
-                   "kept": round(tern / (tern + had), 3)}
+                   "kept": round(tern / (tern + had), 3), "kept_torch": round(tern / (tern + had_torch), 3)}
             rows.append(row)
             print("online", row, flush=True)
     return rows
@@ -221,20 +229,22 @@ def sweep(args) -> dict:
 def write_online(rows, dev, date, out: Path):
     (out / "online-hadamard.json").write_text(json.dumps([r | {"device": dev, "date": date} for r in rows],
                                                          indent=1) + "\n")
-    lines = ["# Decode cost of the online Hadamard transform (rotated models)", "",
+    lines = ["# Decode cost of the online Hadamard transforms (rotated models)", "",
              f"{dev}, {date}. Regenerate: `PYTHONPATH=$PWD python3 benchmarks/kernels.py --online --out "
              "docs/results`.", "",
              "One decoder layer's seven linears (Llama-2 shapes; 70B with its 8 KV heads), summed times "
-             "from CUDA-graph replays as in kernels.md. A rotated model runs one extra transform per layer, "
-             "on down_proj's input (`rotate.online.hadamard_input`: signs, fast Walsh-Hadamard stages as "
-             "small GEMMs, the small dense factor). `kept` = the share of the unrotated ternary speedup "
-             "that the rotated layer keeps (issue target: at least 80 %).", "",
-             "| layer | M | down_proj input (factor) | fp16 µs | ternary µs | transform µs | speedup | rotated speedup | kept |",
+             "from CUDA-graph replays as in kernels.md. A rotated model runs two extra transforms per layer, "
+             "on o_proj's and on down_proj's input (`rotate.online.hadamard_input`: on CUDA the one-kernel "
+             "Triton transform, `kernels/triton_hadamard.py`; the torch path, signs, fast Walsh-Hadamard "
+             "stages as small GEMMs and the small dense factor, is timed beside it). `kept` = the share of "
+             "the unrotated ternary speedup that the rotated layer keeps (issue target: at least 80 %).", "",
+             "| layer | M | online inputs (factor) | fp16 µs | ternary µs | transforms µs (torch) | speedup | "
+             "rotated speedup | kept (torch) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['M']} | {r['down_proj_in']} ({r['factor']}) | {r['fp16_us']} | "
-                     f"{r['ternary_us']} | {r['hadamard_us']} | {r['speedup']}x | {r['speedup_rotated']}x | "
-                     f"{r['kept']:.0%} |")
+        lines.append(f"| {r['layer']} | {r['M']} | {', '.join(r['online_in'])} | {r['fp16_us']} | "
+                     f"{r['ternary_us']} | {r['hadamard_us']} ({r['hadamard_torch_us']}) | {r['speedup']}x | "
+                     f"{r['speedup_rotated']}x | {r['kept']:.0%} ({r['kept_torch']:.0%}) |")
     (out / "online-hadamard.md").write_text("\n".join(lines) + "\n")
 
 

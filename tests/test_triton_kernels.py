@@ -182,3 +182,40 @@ def test_every_byte_value_decodes_like_the_lookup_table(dtype):
     ones = torch.ones(10, 2, dtype=torch.float16)
     w = tt.dequantize(b.to(DEV), ones.to(DEV), torch.zeros_like(ones).to(DEV), 10, 128, dtype)
     assert torch.equal(w.cpu(), pack.unpack_trit_rows(b, 10).to(dtype))
+
+
+# ---- the online Hadamard kernel (rotated models) ----------------------------------------------
+
+from pt2llm.kernels import triton_hadamard as th  # noqa: E402
+from pt2llm.rotate import hadamard  # noqa: E402
+
+# the real models' online widths (SmolLM2 576 / 1536, Qwen 896 / 4864), Llama-2 7B and 70B
+# (4096 / 11008, 8192 / 28672), and a Paley factor of 200 (the tiny test models' width x 16)
+HADAMARD_WIDTHS = [576, 896, 1536, 4864, 3200, 4096, 11008] + ([8192, 28672] if CUDA else [])
+
+
+@pytest.mark.parametrize("n", HADAMARD_WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hadamard_kernel_matches_the_float64_transform(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    signs = hadamard.random_signs(n, g)
+    x = torch.randn(3, n, generator=g).to(dtype)
+    ref = hadamard.transform(x.double(), signs)
+    assert th.supported(x.to(DEV))
+    y = th.transform(x.to(DEV), signs.to(DEV)).cpu()
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 and not CUDA else 2e-3  # CUDA products are TF32
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    # one row as three: each row is its own transform (no mixing between rows)
+    y1 = th.transform(x[1:2].to(DEV), signs.to(DEV)).cpu()
+    torch.testing.assert_close(y1, y[1:2], rtol=0, atol=0)
+
+
+def test_hadamard_kernel_refuses_what_it_does_not_take():
+    # p < 16 (200 = H200 x 1, 100 = random 25 x 4), a power of two it would multiply as one row,
+    # too many rows, integer inputs: the torch path runs for these
+    for n in (200, 100, 64):
+        assert th.split(n) is None and not th.supported(torch.zeros(1, n))
+    assert not th.supported(torch.zeros(th.MAX_M + 1, 896))
+    assert not th.supported(torch.zeros(1, 896, dtype=torch.int32))
+    assert th.supported(torch.zeros(2, 5, 896))  # leading dims are rows

@@ -1,13 +1,14 @@
 """Forward paths for packed linears: the reference path (unpack, dequantize per block,
 gather the activations by the stored column order, matmul), correct on any device, and the
-Triton kernels (`triton_ternary`) that TernaryLinear uses on CUDA."""
+Triton kernels (`triton_ternary`) that TernaryLinear uses on CUDA, and the Triton kernel of
+the online Hadamard transform (`triton_hadamard`) that rotated models run on CUDA."""
 from __future__ import annotations
 
 import functools
 
 from .reference import linear
 
-__all__ = ["linear", "triton_supported"]
+__all__ = ["linear", "triton_supported", "hadamard_supported"]
 
 
 @functools.cache
@@ -25,3 +26,12 @@ def triton_supported(x, block_size: int) -> bool:
         return False
     from .triton_ternary import supported
     return supported(x, block_size)
+
+
+def hadamard_supported(x) -> bool:
+    """Whether the Triton online-Hadamard kernel (`triton_hadamard`) takes this input: CUDA,
+    few rows, a width it splits (else rotate.hadamard.transform, the torch path, runs)."""
+    if not (x.is_cuda and _have_triton()):
+        return False
+    from .triton_hadamard import supported
+    return supported(x)

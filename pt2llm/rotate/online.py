@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import pack
+from .. import kernels, pack
 from . import hadamard
 
 CONFIG_KEY = "pt2llm_rotation"
@@ -24,7 +24,11 @@ CONFIG_KEY = "pt2llm_rotation"
 
 def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """x diag(signs) K_n along the last dimension, in float32 for 16-bit inputs (the FWHT sums
-    many terms), returned in x's dtype."""
+    many terms), returned in x's dtype. On CUDA, few rows: one Triton kernel
+    (kernels.triton_hadamard); else the torch path (hadamard.transform)."""
+    if x.is_cuda and kernels.hadamard_supported(x):
+        from ..kernels import triton_hadamard
+        return triton_hadamard.transform(x, signs)
     y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return hadamard.transform(y, signs).to(x.dtype)
 
