@@ -195,7 +195,7 @@ HADAMARD_WIDTHS = [576, 896, 1536, 4864, 3200, 4096, 11008] + ([8192, 28672] if 
 
 
 @pytest.mark.parametrize("n", HADAMARD_WIDTHS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_hadamard_kernel_matches_the_float64_transform(n, dtype):
     g = torch.Generator().manual_seed(n)
     signs = hadamard.random_signs(n, g)
@@ -204,8 +204,11 @@ def test_hadamard_kernel_matches_the_float64_transform(n, dtype):
     assert th.supported(x.to(DEV))
     y = th.transform(x.to(DEV), signs.to(DEV)).cpu()
     assert y.dtype == dtype and y.shape == x.shape
-    tol = 1e-5 if dtype == torch.float32 and not CUDA else 2e-3  # CUDA products are TF32
-    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    # no worse than rounding the exact result to the output's dtype (the interpreter truncates
+    # to bf16: twice that), plus TF32 products on CUDA
+    rounding = ((ref.to(dtype).double() - ref).norm() / ref.norm()).item()
+    factor = 1.5 if dtype == torch.float16 else 2.5
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= factor * rounding + (1e-3 if CUDA else 0)
     # one row as three: each row is its own transform (no mixing between rows)
     y1 = th.transform(x[1:2].to(DEV), signs.to(DEV)).cpu()
     torch.testing.assert_close(y1, y[1:2], rtol=0, atol=0)
@@ -215,7 +218,8 @@ def test_hadamard_kernel_refuses_what_it_does_not_take():
     # p < 16 (200 = H200 x 1, 100 = random 25 x 4), a power of two it would multiply as one row,
     # no rows, integer inputs: the torch path runs for these
     for n in (200, 100, 64):
-        assert th.split(n) is None and not th.supported(torch.zeros(1, n))
-    assert not th.supported(torch.zeros(0, 896))
+        assert th.split(n) is None and not th.supported(torch.zeros(1, n, dtype=torch.float16))
+    assert not th.supported(torch.zeros(0, 896, dtype=torch.float16))
     assert not th.supported(torch.zeros(1, 896, dtype=torch.int32))
-    assert th.supported(torch.zeros(2, 5, 896))  # leading dims are rows
+    assert not th.supported(torch.zeros(1, 896))  # float32 keeps the exact torch path
+    assert th.supported(torch.zeros(2, 5, 896, dtype=torch.float16))  # leading dims are rows
