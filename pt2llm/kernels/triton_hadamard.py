@@ -101,6 +101,7 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
+    signs = signs.to(x.device)  # an OnlineHadamard may sit on another device than its input (the torch path allows it)
     a = hadamard.factor(n, x.device, torch.float32) if h > 1 else x2
     warps = 4 if n <= 4096 else 8 if n <= 16384 else 16
     _hadamard_kernel[(x2.shape[0],)](x2, signs, a, y, n, h, x2.stride(0), y.stride(0), (n // h) ** -0.5,
