@@ -12,6 +12,7 @@ import torch
 
 from . import checkpoint, data, pack
 from .model import distributed, driver, sources
+from .rotate.fold import ONLINE as ROTATION_ONLINE
 
 
 def _device(arg: str | None) -> str:
@@ -111,6 +112,8 @@ def _quantize(args, device: str, dist) -> int:
                                                   "seqlen": args.seqlen, "seed": args.seed}
     manifest = {"model": args.model, "config": cfg.to_dict(), "calibration": calib_info,
                 "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(), "device": device}
+    if cfg.rotate != "none":  # which linears take an online transform: layers of another set do not mix
+        manifest["rotation_online"] = list(ROTATION_ONLINE)
     if main:
         work = checkpoint.WorkDir(out, manifest, resume=args.resume, overwrite=args.overwrite)
     else:  # reads the layers rank 0 says are finished (--resume), writes nothing

@@ -165,6 +165,14 @@ def test_killed_rotated_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
     assert (tmp_path / ".out.work" / "layer-00000.safetensors").is_file()
     # a resume without rotation is another run
     assert cli.main([*args[:-2], "--out", str(out), "--resume"]) == 2
+    # so is one whose layers were rotated with another set of online transforms (a run started
+    # before o_proj had one records none: its layer files lack o_proj's signs)
+    run = tmp_path / ".out.work" / "run.json"
+    manifest = json.loads(run.read_text())
+    assert manifest["rotation_online"] == ["self_attn.o_proj", "mlp.down_proj"]
+    run.write_text(json.dumps({k: v for k, v in manifest.items() if k != "rotation_online"}))
+    assert cli.main([*args, "--out", str(out), "--resume"]) == 2
+    run.write_text(json.dumps(manifest))
     assert cli.main([*args, "--out", str(out), "--resume"]) == 0
     assert sha256(out / "model.safetensors") == sha256(tmp_path / "ref" / "model.safetensors")
 
