@@ -15,14 +15,14 @@ With R = diag(s) K_hidden (`hadamard`), per decoder layer:
   - o_proj's and down_proj's inputs get an online random Hadamard of their whole width
     (`online.OnlineHadamard`): the weight W P offline, the activation x P at run time. For
     o_proj this mixes the heads, which the per-head Q cannot (QuaRot's H_heads ⊗ H_head):
-    heads differ in scale by up to 100x, and on Qwen2.5-Coder-0.5B the full transform cut
+    heads differ in scale by 6x to 115x, and on Qwen2.5-Coder-0.5B the full transform cut
     o_proj's calibration error (GPTQ objective, Hessian order, refine 4) by 14-31 % over the
     per-head one alone (docs/results/rotation-oproj/).
 The signs come from one CPU generator seeded with `seed`, drawn in a fixed order (residual,
 then per layer: value heads, down_proj; then per layer: o_proj, appended when o_proj's
 transform was added so the earlier signs stay what they were), so every layer's transforms
-are known up front and a layer can be rotated when it is loaded (streamed models). The math is done in float64 on the
-tensors' device and written back in their dtype.
+are known up front and a layer can be rotated when it is loaded (streamed models). The math
+is done in float64 on the tensors' device and written back in their dtype.
 """
 from __future__ import annotations
 
@@ -171,19 +171,19 @@ def rotate_layer(layer: nn.Module, i: int, plan: Plan) -> None:
     att, mlp = layer.self_attn, layer.mlp
     _fold_norm(layer.input_layernorm, [att.q_proj, att.k_proj, att.v_proj])
     _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-    r, hs, ds, hd, os_ = plan.residual, plan.heads[i], plan.down[i], att.head_dim, plan.attn[i]
+    r, hs, ds, hd, ps = plan.residual, plan.heads[i], plan.down[i], att.head_dim, plan.attn[i]
     for lin in (att.q_proj, att.k_proj, mlp.gate_proj, mlp.up_proj):
         _write(lin.weight, rotate_input(lin.weight.double(), r))
     _write(att.v_proj.weight, rotate_heads_output(rotate_input(att.v_proj.weight.double(), r), hs, hd))
     if att.v_proj.bias is not None:
         _write(att.v_proj.bias, hadamard.transform(att.v_proj.bias.double().reshape(-1, hd), hs).reshape(-1))
-    o = rotate_input(rotate_heads_input(att.o_proj.weight.double(), hs, hd), os_)
+    o = rotate_input(rotate_heads_input(att.o_proj.weight.double(), hs, hd), ps)
     _write(att.o_proj.weight, rotate_output(o, r))
     _write(mlp.down_proj.weight, rotate_output(rotate_input(mlp.down_proj.weight.double(), ds), r))
     for lin in (att.o_proj, mlp.down_proj):
         if lin.bias is not None:
             _write(lin.bias, hadamard.transform(lin.bias.double(), r))
-    for name, signs in zip(ONLINE, (os_, ds)):
+    for name, signs in zip(ONLINE, (ps, ds)):
         online.attach(layer, name, online.OnlineHadamard(signs.numel(), signs.clone(),
                                                          device=mlp.down_proj.weight.device))
 

@@ -1,10 +1,11 @@
 """Run-time (online) input transforms: x -> x diag(s) K_n before a linear whose weight was
 multiplied by the same orthogonal matrix offline (W diag(s) K_n), so the product is
 unchanged while the weight and its input are incoherent. QuaRot puts one on down_proj's
-input, which the residual rotation cannot reach.
+input, which the residual rotation cannot reach, and one across the heads on o_proj's input;
+so does rotate/fold.py.
 
-`hadamard_input(x, signs)` is the whole computation (a Triton path can call it or replace
-it); `OnlineHadamard` holds the signs (int8 buffer of ±1, saved with the model: a pt2llm
+`hadamard_input(x, signs)` is the whole computation (on CUDA, 16-bit: the Triton kernel of
+kernels/triton_hadamard.py; else the torch path); `OnlineHadamard` holds the signs (int8 buffer of ±1, saved with the model: a pt2llm
 folder of format 3 stores them one bit each, pack.pack_signs); the small dense factor is
 rebuilt from the width (`hadamard.factor`), so nothing else is stored.
 `install(model, record)` rebuilds the transforms a saved folder records in its config
