@@ -7,8 +7,8 @@ so does rotate/fold.py.
 `hadamard_input(x, signs)` is the whole computation (on CUDA, 16-bit: the Triton kernel of
 kernels/triton_hadamard.py; else the torch path); `OnlineHadamard` holds the signs (int8
 buffer of ±1, saved with the model: a pt2llm folder of format 3 stores them one bit each,
-pack.pack_signs); the small dense factor is
-rebuilt from the width (`hadamard.factor`), so nothing else is stored.
+pack.pack_signs); the small dense factor is rebuilt from the width (`hadamard.factor`), so
+nothing else is stored.
 `install(model, record)` rebuilds the transforms a saved folder records in its config
 (key `pt2llm_rotation`, list "online": module names).
 """
