@@ -28,7 +28,7 @@ from triton.testing import do_bench
 from pt2llm import pack
 from pt2llm.kernels import triton_ternary as tt
 from pt2llm.rotate import hadamard
-from pt2llm.rotate.online import hadamard_input
+from pt2llm.rotate.online import hadamard_input, hadamard_input_torch
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]  # out x in
 MS = [1, 16, 128, 2048]
@@ -144,9 +144,6 @@ def online(gen, ms=(1, 16)) -> list[dict]:
     down_proj's inputs, against the same layer unrotated: per decoder layer (its seven linears,
     GQA-shaped for 70B) at M = 1 and 16, fp16 F.linear vs ternary vs ternary + transforms, the
     transforms by `hadamard_input` (the Triton kernel on CUDA) and by the torch path."""
-    def torch_path(x, signs):
-        return hadamard.transform(x.float(), signs).to(x.dtype)
-
     rows = []
     for name, shapes in LAYERS.items():
         online_at = {3: shapes[3][1], 6: shapes[6][1]}  # o_proj, down_proj: their input widths
@@ -163,10 +160,10 @@ def online(gen, ms=(1, 16)) -> list[dict]:
                 tern += t
                 if i in online_at:
                     s = signs[i]
-                    y, ref = hadamard_input(x, s), torch_path(x, s)
+                    y, ref = hadamard_input(x, s), hadamard_input_torch(x, s)
                     assert torch.isfinite(y).all() and (y.float() - ref.float()).norm() <= 2e-3 * ref.float().norm()
                     had += graph_us(lambda **c: tt.linear(hadamard_input(x, s), **c), L) - t
-                    had_torch += graph_us(lambda **c: tt.linear(torch_path(x, s), **c), L) - t
+                    had_torch += graph_us(lambda **c: tt.linear(hadamard_input_torch(x, s), **c), L) - t
                 del L, w16
             factors = [f"{k} ({':'.join(map(str, hadamard.plan(k)))})" for k in online_at.values()]
             row = {"layer": name, "M": m, "online_in": factors,

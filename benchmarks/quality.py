@@ -145,7 +145,7 @@ def run_row(name: str, args, work: Path) -> dict:
                               else "none (data-free)")
         rotation = online.record_of(model.config)
         if rotation is not None:  # which linears of a layer take an online transform (rotate/fold.py ONLINE)
-            row["rotation_online"] = sorted({n.split(".")[-2] + "." + n.split(".")[-1] for n in rotation["online"]})
+            row["rotation_online"] = sorted({".".join(n.split(".")[-2:]) for n in rotation["online"]})
     else:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         model, tok, _ = sources.load_any(args.model, dtype=dtype, device=args.device, progress=False)
@@ -225,6 +225,7 @@ def command(args) -> str:
 
 def markdown(rows: list[dict], args) -> str:
     from pt2llm.eval.tasks import MEAN_METRIC, PAPER_TASKS
+    from pt2llm.rotate.fold import ONLINE
 
     short = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaS.",
              "winogrande": "Wino.", "boolq": "BoolQ", "openbookqa": "OBQA"}
@@ -247,7 +248,7 @@ def markdown(rows: list[dict], args) -> str:
     for r in rows:
         t = r["tasks"]
         label = r["label"]
-        if "hadamard" in r.get("args", []) and "self_attn.o_proj" not in r.get("rotation_online", []):
+        if "hadamard" in r.get("args", []) and set(r.get("rotation_online", [])) != set(ONLINE):
             label, older = label + " †", True
         cells = [label, f"{r['bits_per_weight']:.2f}", _ppl(r["wikitext2"]["ppl"]), _ppl(r["c4"]["ppl"])]
         cells += [f"{100 * t[k][MEAN_METRIC[k]]:.1f}" for k in PAPER_TASKS]

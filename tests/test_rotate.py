@@ -194,3 +194,12 @@ def test_quant_config_rejects_unknown_rotations():
     assert driver.QuantConfig(rotate="hadamard").to_dict()["rotate"] == "hadamard"
     with pytest.raises(ValueError, match="rotate"):
         driver.QuantConfig(rotate="random")
+
+
+def test_online_transform_puts_given_signs_on_its_device():
+    # the signs come from a CPU generator; a transform built for a layer on another device
+    # must hold them there (on CUDA, CPU signs cost a copy per call, and the kernel's launch)
+    signs = hadamard.random_signs(8, torch.Generator().manual_seed(0))
+    t = online.OnlineHadamard(8, signs, device="meta")
+    assert t.signs.device.type == "meta" and t.signs.dtype == torch.int8
+    assert online.OnlineHadamard(8, signs).signs.device == signs.device

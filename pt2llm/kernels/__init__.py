@@ -30,7 +30,7 @@ def triton_supported(x, block_size: int) -> bool:
 
 def hadamard_supported(x) -> bool:
     """Whether the Triton online-Hadamard kernel (`triton_hadamard`) takes this input: CUDA,
-    few rows, a width it splits (else rotate.hadamard.transform, the torch path, runs)."""
+    16-bit, a width it splits (else rotate.hadamard.transform, the torch path, runs)."""
     if not (x.is_cuda and _have_triton()):
         return False
     from .triton_hadamard import supported

@@ -4,7 +4,7 @@ y = x diag(s) K_n with K_n = A ⊗ H_p / sqrt(p) (rotate/hadamard.py), one kerne
 The torch path (`hadamard.transform`) runs the signs, each group of five radix-2 stages and the
 small factor A as separate kernels (with transposes between them): on an H100 it took 19-28 µs
 a transform at M = 1 and 0.05-8.5 ms at M = 2048; this kernel 2.4-12 µs and 0.01-0.22 ms, 2x
-to 77x faster at every width and M measured (docs/results/online-hadamard.md). Here one
+to 77x faster at every width and M measured (docs/results/online-hadamard-kernel.md). Here one
 program takes one row, at any M:
   - x is loaded as a tile X [HP, p] (row r of X is x[r p : (r + 1) p]; HP = h rounded up to a
     power of two, padding rows 0), times the signs;
@@ -15,9 +15,9 @@ program takes one row, at any M:
   - times 1 / sqrt(p), stored in x's dtype.
 The products take fp32 operands (TF32 on the GPU: the ±1 entries are exact, the operands keep
 10 mantissa bits, like fp16), accumulating in fp32: a relative error of about 1e-3, so it takes
-16-bit inputs only. Widths it takes (`supported_width`): p a
-power of two from 16 to 128 * 128 (above 128 when h = 1), and h <= 256. Others (and the CPU) keep the torch path.
-It also runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1), how CI checks it.
+16-bit inputs only. Widths it takes (`supported_width`): p a power of two from 16 to 128 * 128
+(above 128 when h = 1), and h <= 256. Others (and the CPU) keep the torch path. It also runs on
+the CPU through Triton's interpreter (TRITON_INTERPRET=1), how CI checks it.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _hadamard_kernel(x_ptr, s_ptr, a_ptr, y_ptr, n, h, stride_x, stride_y, scale
 
 def split(n: int) -> tuple[int, int, int, int] | None:
     """(h, HP, q1, q2) for width n (p = n / h = q1 q2), or None when the kernel does not take it."""
-    kind, h = hadamard.plan(n)
+    _, h = hadamard.plan(n)
     p = n // h
     if h > 256 or p < 16 or p > MAX_Q * MAX_Q or (h == 1 and p <= MAX_Q):
         return None  # (a power of two up to 128 wide would be a one-row product)
@@ -101,7 +101,7 @@ def transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
-    signs = signs.to(x.device)  # an OnlineHadamard may sit on another device than its input (the torch path allows it)
+    signs = signs.to(x.device)  # signs on any device, as hadamard.transform takes them
     a = hadamard.factor(n, x.device, torch.float32) if h > 1 else x2
     warps = 4 if n <= 4096 else 8 if n <= 16384 else 16
     _hadamard_kernel[(x2.shape[0],)](x2, signs, a, y, n, h, x2.stride(0), y.stride(0), (n // h) ** -0.5,

@@ -184,8 +184,8 @@ def rotate_layer(layer: nn.Module, i: int, plan: Plan) -> None:
         if lin.bias is not None:
             _write(lin.bias, hadamard.transform(lin.bias.double(), r))
     for name, signs in zip(ONLINE, (ps, ds)):
-        online.attach(layer, name, online.OnlineHadamard(signs.numel(), signs.clone(),
-                                                         device=mlp.down_proj.weight.device))
+        device = layer.get_submodule(name).weight.device
+        online.attach(layer, name, online.OnlineHadamard(signs.numel(), signs.clone(), device=device))
 
 
 def rotate_model(model: nn.Module, seed: int = 0) -> dict:

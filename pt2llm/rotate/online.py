@@ -26,11 +26,16 @@ CONFIG_KEY = "pt2llm_rotation"
 
 def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """x diag(signs) K_n along the last dimension, in float32 for 16-bit inputs (the FWHT sums
-    many terms), returned in x's dtype. On CUDA, few rows: one Triton kernel
-    (kernels.triton_hadamard); else the torch path (hadamard.transform)."""
-    if x.is_cuda and kernels.hadamard_supported(x):
+    many terms), returned in x's dtype. On CUDA, 16-bit: one Triton kernel
+    (kernels.triton_hadamard); else `hadamard_input_torch`."""
+    if kernels.hadamard_supported(x):
         from ..kernels import triton_hadamard
         return triton_hadamard.transform(x, signs)
+    return hadamard_input_torch(x, signs)
+
+
+def hadamard_input_torch(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """The torch path of `hadamard_input` on any device (what the Triton kernel replaces)."""
     y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return hadamard.transform(y, signs).to(x.dtype)
 
@@ -51,7 +56,7 @@ class OnlineHadamard(nn.Module):
             signs = torch.ones(n, dtype=torch.int8, device=device)
         if tuple(signs.shape) != (n,):
             raise ValueError(f"need {n} signs, got shape {tuple(signs.shape)}")
-        self.register_buffer("signs", signs.to(torch.int8))
+        self.register_buffer("signs", signs.to(device=device, dtype=torch.int8))
 
     @property
     def size(self) -> int:

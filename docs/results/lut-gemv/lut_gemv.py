@@ -247,6 +247,15 @@ def _block_scales(a_ptr, m_ptr, rn, blk, b_end, N, NB):
 
 
 @triton.jit
+def _store_rows(out_ptr, acc, acc_mu, rn, pid_s, M, N, stride_om, stride_os, R: tl.constexpr, MP: tl.constexpr):
+    """Sum a row tile's per-column partials [R, MP * _GROUP_PAD] and store y [R, MP] (split pid_s)."""
+    y = tl.sum(tl.reshape(acc, (R, MP, _GROUP_PAD)), axis=2) + acc_mu  # [R, MP]
+    rm = tl.arange(0, MP)
+    ptr = out_ptr + pid_s.to(tl.int64) * stride_os + rm[None, :] * stride_om + rn[:, None]
+    tl.store(ptr, y.to(out_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rm[None, :] < M))
+
+
+@triton.jit
 def _lut_smem_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, out_ptr,
                      M, N, K, NB, stride_xm, stride_pn, stride_pg, stride_om, stride_os, blocks_per_split,
                      R: tl.constexpr, BB: tl.constexpr, MP: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -282,10 +291,7 @@ def _lut_smem_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, out_ptr,
             alpha, mu = _block_scales(a_ptr, m_ptr, rn, blk, last, N, NB)
             acc += alpha[:, None] * s
             acc_mu += mu[:, None] * xs[None, :]
-    y = tl.sum(tl.reshape(acc, (R, MP, _GROUP_PAD)), axis=2) + acc_mu  # [R, MP]
-    rm = tl.arange(0, MP)
-    ptr = out_ptr + pid_s.to(tl.int64) * stride_os + rm[None, :] * stride_om + rn[:, None]
-    tl.store(ptr, y.to(out_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rm[None, :] < M))
+    _store_rows(out_ptr, acc, acc_mu, rn, pid_s, M, N, stride_om, stride_os, R, MP)
 
 
 @triton.jit
@@ -341,10 +347,7 @@ def _lut_shfl_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, out_ptr,
             acc += alpha[:, None] * s
             xs = tl.sum(tl.reshape(tl.sum(xg.to(tl.float32), axis=0), (MP, _GROUP_PAD)), axis=1)  # X[m, blk]
             acc_mu += mu[:, None] * xs[None, :]
-    y = tl.sum(tl.reshape(acc, (R, MP, _GROUP_PAD)), axis=2) + acc_mu  # [R, MP]
-    rm = tl.arange(0, MP)
-    ptr = out_ptr + pid_s.to(tl.int64) * stride_os + rm[None, :] * stride_om + rn[:, None]
-    tl.store(ptr, y.to(out_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (rm[None, :] < M))
+    _store_rows(out_ptr, acc, acc_mu, rn, pid_s, M, N, stride_om, stride_os, R, MP)
 
 
 @triton.jit
