@@ -18,8 +18,8 @@ one_model = pytest.mark.parametrize("tiny", ["llama"], indirect=True)  # each ru
 
 
 def _env(**extra):
-    """This process's environment with its torch thread count pinned: CPU results can depend on it."""
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+    """This process's environment with one torch thread (conftest's `one_thread` says why)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
 def _args(d):
@@ -29,9 +29,8 @@ def _args(d):
 
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
-    """One process, one device: the model.safetensors every other run must reproduce. A fresh
-    process, as a user runs it and as the ranks are: this test process has run other tests,
-    and once on the CI machine its result differed from every fresh process's (cause unknown)."""
+    """One process, one device, one thread: the model.safetensors every other run must
+    reproduce, in a fresh process as a user runs it."""
     _, d = tiny
     out = tmp_path_factory.mktemp("ref") / "ref"
     p = subprocess.run([sys.executable, "-m", "pt2llm", *_args(d), "--device", "cpu", "--out", str(out)],
@@ -41,6 +40,7 @@ def reference(tiny, tmp_path_factory):
 
 
 @one_model
+@pytest.mark.usefixtures("one_thread")
 def test_two_processes_give_the_one_process_bytes(tiny, reference, tmp_path):
     _, d = tiny
     out, report = tmp_path / "two", tmp_path / "report.json"
@@ -58,6 +58,7 @@ def test_two_processes_give_the_one_process_bytes(tiny, reference, tmp_path):
 
 
 @one_model
+@pytest.mark.usefixtures("one_thread")
 def test_killed_two_process_run_resumes_to_the_same_bytes(tiny, reference, tmp_path, capfd):
     _, d = tiny
     out = tmp_path / "out"
@@ -82,10 +83,11 @@ def test_killed_two_process_run_resumes_to_the_same_bytes(tiny, reference, tmp_p
 
 
 @one_model
+@pytest.mark.usefixtures("one_thread")
 def test_torchrun_processes_give_the_one_process_bytes(tiny, reference, tmp_path):
     _, d = tiny
     out = tmp_path / "out"
-    env = _env()  # torchrun would set 1
+    env = _env()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pt2llm",
                         *_args(d), "--device", "cpu", "--out", str(out)], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -111,6 +111,7 @@ def test_cli_fit_head(tiny, tmp_path, capsys):
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_killed_fit_head_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
     """The head is fitted on the streams after the last layer, which a resumed run rebuilds."""
     from tinymodels import quantize_killed_after_first_layer, sha256

@@ -4,11 +4,14 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tinymodels import quantize_killed_after_first_layer, sha256
 
 from pt2llm import cli
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_killed_run_resumes_to_a_byte_identical_model(tiny, tmp_path, capsys):
     _, d = tiny
     args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4",

@@ -155,6 +155,7 @@ def test_rotate_quantize_save_load_round_trip(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("the quick")
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_killed_rotated_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
     _, d = tiny
     args = ["quantize", str(d / "float"), "--calib", str(d / "calib.txt"), "--nsamples", "4", "--seqlen", "64",

@@ -154,6 +154,7 @@ def test_cli_target_damp(tiny, tmp_path, capsys):
     assert (qc["percdamp"], qc["target_damp"]) == (0.01, 0.3)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_killed_float_target_run_resumes_to_a_byte_identical_model(tiny, tmp_path):
     """A resumed layer is loaded quantized, but the float stream must still pass through the
     float layer: the resumed run equals an uninterrupted one."""

@@ -47,7 +47,8 @@ def sha256(p):
 def quantize_killed_after_first_layer(args, out):
     """Run `pt2llm ARGS --out OUT` in a child process that SIGKILLs itself once its first
     layer is persisted (the driver's fault injection). The child uses this process's torch
-    thread count: another count sums in another order, and the resumed run must match bytes."""
+    thread count: another count sums in another order, and the resumed run must match bytes
+    (callers take conftest's `one_thread` fixture: see there why)."""
     env = {**os.environ, "PT2LLM_FAULT_AFTER_LAYER": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.run([sys.executable, "-m", "pt2llm", *args, "--out", str(out)], env=env,
                        capture_output=True, text=True)
