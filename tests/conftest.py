@@ -25,10 +25,10 @@ def pytest_configure(config):
 def one_thread():
     """One torch thread in this process (and, through tinymodels and the launcher, in the
     processes it starts), for tests that compare bytes written by different processes. With
-    two threads, MKL's per-call thread choice and the scheduling of threads competing for two
-    cores made those bytes differ now and then (CI failed on it: about 1 run in 25 of one
-    process under load, up to 1 in 4 with three ranks on two cores); with one thread, 0 in 55
-    of those runs. Within one process results repeat whatever the thread count."""
+    two threads those bytes differed now and then when processes competed for two cores (CI
+    failed on it: about 1 run in 25 of one process under load, up to 1 in 4 with three ranks;
+    the cause is not pinned down: MKL picks its threads per call, and neither MKL_CBWR nor
+    MKL_DYNAMIC=FALSE alone cured the ranks); with one thread, 0 in 55 of those runs."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
