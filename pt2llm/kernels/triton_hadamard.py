@@ -16,8 +16,11 @@ program takes one row, at any M:
 The products take fp32 operands (TF32 on the GPU: the ±1 entries are exact, the operands keep
 10 mantissa bits, like fp16), accumulating in fp32: a relative error of about 1e-3, so it takes
 16-bit inputs only. Widths it takes (`supported_width`): p a power of two from 16 to 128 * 128
-(above 128 when h = 1), and h <= 256. Others (and the CPU) keep the torch path. It also runs on
-the CPU through Triton's interpreter (TRITON_INTERPRET=1), how CI checks it.
+(above 128 when h = 1), h <= 128 and (h rounded up) x p <= 32768: the tiles then fit in an
+H100's 227 KiB of shared memory. (Beyond that the kernel does not build: h = 200, as in width
+3200, asked for 272 KiB and failed with OutOfResources on an H100, 2026-11-23; sm_90 builds
+of HP x P = 128 x 512 or 16 x 4096 fail in ptxas.) Others (and the CPU) keep the torch path. It
+also runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1), how CI checks it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import triton.language as tl
 from ..rotate import hadamard
 
 MAX_Q = 128  # largest Sylvester factor built in registers
+MAX_H = 128  # largest small factor (rounded up to a power of two): A is an [HP, HP] tile
+MAX_TILE = 32768  # largest HP x p tile (x in fp32, with A and the products' operands)
 
 
 @triton.jit
@@ -69,7 +74,7 @@ def split(n: int) -> tuple[int, int, int, int] | None:
     """(h, HP, q1, q2) for width n (p = n / h = q1 q2), or None when the kernel does not take it."""
     _, h = hadamard.plan(n)
     p = n // h
-    if h > 256 or p < 16 or p > MAX_Q * MAX_Q or (h == 1 and p <= MAX_Q):
+    if p < 16 or p > MAX_Q * MAX_Q or (h == 1 and p <= MAX_Q):
         return None  # (a power of two up to 128 wide would be a one-row product)
     if p <= MAX_Q:
         q1, q2 = 1, p
@@ -79,6 +84,8 @@ def split(n: int) -> tuple[int, int, int, int] | None:
             q2 //= 2
         q1 = p // q2
     hp = max(16, triton.next_power_of_2(h)) if h > 1 else 1
+    if hp > MAX_H or hp * p > MAX_TILE:
+        return None  # more shared memory than the GPU has (see the module docstring)
     return h, hp, q1, q2
 
 
