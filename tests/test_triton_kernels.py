@@ -111,6 +111,35 @@ def test_split_k_and_no_bias(splits, gen):
     assert _rel(y, exact) < 2e-3
 
 
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_activations_gathered_before_the_kernel_give_the_same_output(m, gen):
+    """Large layers at M >= 2 gather x[:, perm] once, before the fused kernel (GATHER=False):
+    forced here on a small layer, the output is the in-kernel gather's, bit for bit."""
+    mod = _layer(37, 700, gen)
+    x = torch.randn(m, 700, generator=gen).to(DEV, torch.float16)
+    exact, _ = _reference(mod, x)
+    inside = tt.matmul(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, 37, 128, gather_from_weights=1 << 62)
+    before = tt.matmul(x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, 37, 128, gather_from_weights=0,
+                       gather_from_m=1)
+    assert _rel(before, exact) < 2e-3
+    assert torch.equal(before, inside)
+
+
+def test_split_count_fills_the_waves():
+    # the fused kernel's row tiles (64 packed rows) and 128-column blocks of Llama shapes on an
+    # H100 (264 programs at once): 28672x8192's 90 tiles split 8 ways (3 waves of 8 blocks, not
+    # 1 wave of 32: 82 against 104 us measured); the others as the old rule slots // tiles had it
+    assert tt.split_count(90, 64, 264) == 8
+    for tiles, blocks, old in [(13, 32, 16), (35, 32, 7), (13, 86, 18), (26, 64, 10), (26, 224, 10)]:
+        assert tt.split_count(tiles, blocks, 264) == old
+    assert tt.split_count(1, 7, 264) == 7      # one tile: a program per block
+    assert tt.split_count(264, 50, 264) == 1   # a full wave of tiles: no split
+    assert tt.split_count(528, 50, 264) == 1
+    for tiles in range(1, 300, 7):
+        for blocks in [1, 3, 64, 224]:
+            assert 1 <= tt.split_count(tiles, blocks, 264) <= blocks
+
+
 @pytest.mark.parametrize("block", [32, 64])
 def test_other_block_sizes(block, gen):
     mod = _layer(21, 200, gen, block=block)
@@ -190,8 +219,9 @@ from pt2llm.kernels import triton_hadamard as th  # noqa: E402
 from pt2llm.rotate import hadamard  # noqa: E402
 
 # the real models' online widths (SmolLM2 576 / 1536, Qwen 896 / 4864), Llama-2 7B and 70B
-# (4096 / 11008, 8192 / 28672), and a Paley factor of 200 (the tiny test models' width x 16)
-HADAMARD_WIDTHS = [576, 896, 1536, 4864, 3200, 4096, 11008] + ([8192, 28672] if CUDA else [])
+# (4096 / 11008, 8192 / 28672), and the largest small factor the kernel takes (108 in 13824:
+# a 128 x 128 tile)
+HADAMARD_WIDTHS = [576, 896, 1536, 4864, 4096, 11008] + ([8192, 13824, 28672] if CUDA else [])
 
 
 @pytest.mark.parametrize("n", HADAMARD_WIDTHS)
@@ -219,6 +249,11 @@ def test_hadamard_kernel_refuses_what_it_does_not_take():
     # no rows, integer inputs: the torch path runs for these
     for n in (200, 100, 64):
         assert th.split(n) is None and not th.supported(torch.zeros(1, n, dtype=torch.float16))
+    # tiles beyond the GPU's shared memory: 3200 = H200 x 16 (an [256, 256] A), 18944 = 148 x 128;
+    # 28672 = 28 x 1024 and 13824 = 108 x 128 are the largest it takes
+    for n in (3200, 6400, 18944):
+        assert th.split(n) is None and not th.supported(torch.zeros(1, n, dtype=torch.float16))
+    assert th.split(28672) == (28, 32, 16, 64) and th.split(13824) == (108, 128, 1, 128)
     assert not th.supported(torch.zeros(0, 896, dtype=torch.float16))
     assert not th.supported(torch.zeros(1, 896, dtype=torch.int32))
     assert not th.supported(torch.zeros(1, 896))  # float32 keeps the exact torch path

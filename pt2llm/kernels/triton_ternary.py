@@ -117,7 +117,7 @@ def _store(out_ptr, acc, b_ptr, rg, rm, N, M, stride_om, I: tl.constexpr, HAS_BI
 def _matmul_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, b_ptr, out_ptr,
                    M, N, K, G, NB, stride_xm, stride_om, stride_os, blocks_per_split,
                    BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, BF16: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, BF16: tl.constexpr, GATHER: tl.constexpr):
     pid_g = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -133,7 +133,10 @@ def _matmul_kernel(x_ptr, p_ptr, a_ptr, m_ptr, perm_ptr, b_ptr, out_ptr,
     last = tl.minimum(first + blocks_per_split, NB)
     for blk in range(first, last):
         k = blk * BLOCK + kk
-        cols = tl.load(perm_ptr + k, mask=k < K, other=0).to(tl.int64)
+        if GATHER:
+            cols = tl.load(perm_ptr + k, mask=k < K, other=0).to(tl.int64)
+        else:  # x is gathered already (x[:, perm])
+            cols = k.to(tl.int64)
         xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + cols[:, None],
                      mask=(k[:, None] < K) & (rm[None, :] < M), other=0.0)  # [BLOCK, BLOCK_M]
         s = tl.sum(xt.to(tl.float32), axis=0)
@@ -227,26 +230,53 @@ def supported(x: torch.Tensor, block_size: int) -> bool:
 
 # Launch settings, found on an H100 by benchmarks/kernels.py --sweep (which may override
 # them; benchmarks/e2e.py --tuning reads a saved set): the fused kernel's packed rows per
-# program, warps, pipeline stages and the number of programs split-K aims at; the stored-
-# order dequantize kernel's packed rows per program and warps; the original-order one's
-# columns per step and warps. Keys these functions do not read (an older file's "variant",
-# "blocks") are ignored; a file without "dequant_original" leaves this default.
-TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264),
+# program, warps, pipeline stages and the number of programs the GPU runs at once (split-K
+# fills them, see split_count); from `gather_from_m` rows and `gather_from_weights` weights
+# on, the activations are gathered (x[:, perm]) before the fused kernel instead of inside
+# it, which then runs `gathered_stages` stages; the stored-order dequantize kernel's packed
+# rows per program and warps; the original-order one's columns per step and warps. Keys
+# these functions do not read (an older file's "variant", "blocks") are ignored; a file
+# without a key leaves its default.
+TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264, gather_from_m=2,
+                        gather_from_weights=1 << 25, gathered_stages=3),
           "dequant": dict(block_g=8, warps=2),
           "dequant_original": dict(block_c=1024, warps=8),
           "prefill_from_m": 17}
 MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
 
 
+def split_count(tiles: int, blocks: int, slots: int) -> int:
+    """How many parts split-K cuts each tile's `blocks` column blocks into, when `tiles`
+    output tiles run on a GPU that holds `slots` programs at once: the count that minimises
+    waves x (blocks per program + 1), the fewest parts among equals. A second, nearly empty
+    wave costs as much as a full one; the + 1 is a program's own cost (start, partial sums
+    out), which keeps the parts from getting very short. (Before, the count was slots //
+    tiles, rounded down: on 28672x8192, 90 tiles, that ran 180 programs on 264 places, each
+    64/2 = 32 blocks long; 8 parts, 720 programs of 8 blocks in 3 waves, took 82 against
+    104 us on an H100.)"""
+    best, best_cost = 1, None
+    for s in range(1, max(1, blocks) + 1):
+        per = triton.cdiv(blocks, s)
+        if triton.cdiv(blocks, per) != s:  # the same programs as a smaller s
+            continue
+        cost = triton.cdiv(tiles * s, slots) * (per + 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
 def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int, **over) -> torch.Tensor:
     """The fused kernel: x2 [M, K] contiguous rows -> [M, n_out]; `over` overrides
-    TUNING["fused"]'s settings (block_g, warps, stages, programs) and may fix `splits`."""
+    TUNING["fused"]'s settings and may fix `splits`."""
     M, K = x2.shape
     G, NB = packed.shape[0], alpha.shape[1]
     cfg = {**TUNING["fused"], **over}
+    gather = not (M >= cfg.get("gather_from_m", 2) and n_out * K >= cfg.get("gather_from_weights", 1 << 25))
+    if not gather:  # every row tile would gather the same activations again: once here instead
+        x2 = x2.index_select(1, perm.to(torch.int32))
     bg, bm = cfg["block_g"], 16 if M <= 16 else 64
     grid_g, grid_m = triton.cdiv(G, bg), triton.cdiv(M, bm)
-    splits = cfg.get("splits") or max(1, min(NB, cfg["programs"] // max(1, grid_g * grid_m)))
+    splits = cfg.get("splits") or split_count(grid_g * grid_m, NB, cfg["programs"])
     per_split = triton.cdiv(NB, splits)
     splits = triton.cdiv(NB, per_split)
     out = torch.empty(M, n_out, device=x2.device, dtype=x2.dtype)
@@ -256,7 +286,8 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_si
         x2, packed, alpha, mu, perm, bias if has_bias else alpha, part,
         M, n_out, K, G, NB, x2.stride(0), n_out, M * n_out, per_split,
         BLOCK=block_size, BLOCK_G=bg, BLOCK_M=bm, HAS_BIAS=has_bias, BF16=x2.dtype == torch.bfloat16,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+        GATHER=gather, num_warps=cfg["warps"],
+        num_stages=cfg["stages"] if gather else cfg.get("gathered_stages", cfg["stages"]))
     if splits > 1:
         MN, B = M * n_out, 1024
         _sum_splits_kernel[(triton.cdiv(MN, B),)](part, bias if bias is not None else alpha, out, MN, n_out,
