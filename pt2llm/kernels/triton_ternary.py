@@ -47,6 +47,8 @@ is how CI checks it.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -245,6 +247,7 @@ TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264, gather_from
 MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
 
 
+@functools.lru_cache(maxsize=4096)
 def split_count(tiles: int, blocks: int, slots: int) -> int:
     """How many parts split-K cuts each tile's `blocks` column blocks into, when `tiles`
     output tiles run on a GPU that holds `slots` programs at once: the count that minimises
