@@ -68,7 +68,7 @@ def main():
     args = ap.parse_args()
     if args.tuning:
         from pt2llm.kernels import triton_ternary
-        triton_ternary.TUNING.update(json.loads(args.tuning.read_text()))
+        triton_ternary.update_tuning(json.loads(args.tuning.read_text()))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     gen = torch.Generator(device="cuda").manual_seed(0)
     torch.manual_seed(0)

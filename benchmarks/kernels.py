@@ -217,7 +217,7 @@ def sweep(args) -> dict:
         ranked = sorted(range(len(g)), key=lambda i: statistics.geometric_mean(sc[i]))
         for i in ranked:
             print("sweep", key, g[i], f"us at {what}:", [round(v, 1) for v in sc[i]], flush=True)
-        tt.TUNING[key] = g[ranked[0]]
+        tt.update_tuning({key: g[ranked[0]]})
     print("sweep gather x[:, perm] at M = 2048, us at (shape):", [round(v, 1) for v in gather], flush=True)
     print("TUNING =", tt.TUNING, flush=True)
     return tt.TUNING

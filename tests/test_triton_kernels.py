@@ -141,6 +141,14 @@ def test_split_count_fills_the_waves():
             assert 1 <= tt.split_count(tiles, blocks, 264) <= blocks
 
 
+def test_update_tuning_keeps_what_a_saved_file_does_not_name(monkeypatch):
+    monkeypatch.setattr(tt, "TUNING", {k: dict(v) if isinstance(v, dict) else v for k, v in tt.TUNING.items()})
+    before = dict(tt.TUNING["fused"])
+    tt.update_tuning({"fused": {"block_g": 32, "programs": 100}, "prefill_from_m": 9, "variant": "old file"})
+    assert tt.TUNING["fused"] == {**before, "block_g": 32, "programs": 100}
+    assert tt.TUNING["prefill_from_m"] == 9 and tt.TUNING["variant"] == "old file"
+
+
 @pytest.mark.parametrize("block", [32, 64])
 def test_other_block_sizes(block, gen):
     mod = _layer(21, 200, gen, block=block)

@@ -244,6 +244,15 @@ TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264, gather_from
           "dequant": dict(block_g=8, warps=2),
           "dequant_original": dict(block_c=1024, warps=8),
           "prefill_from_m": 17}
+
+
+def update_tuning(settings: dict) -> None:
+    """Merge launch settings (a saved tuning.json, or a sweep's best) into TUNING, one level
+    down: a kernel's settings that `settings` does not name keep their values."""
+    for key, value in settings.items():
+        TUNING[key] = {**TUNING[key], **value} if isinstance(value, dict) and isinstance(TUNING.get(key), dict) else value
+
+
 MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
 
 
