@@ -5,12 +5,17 @@ y[m, n] = bias[n] + sum over blocks b of  alpha[n, b] * sum_{k in b} code[n, k] 
 
 `matmul` (the fused kernel, M <= 16): each program takes BLOCK_G packed rows (5 BLOCK_G
 weight rows) and walks its share of the 128-column blocks (split-K when there are too few
-row tiles to fill the GPU; the partial sums meet in a second, deterministic kernel). A
+row tiles to fill the GPU, `split_count`; the partial sums meet in a second, deterministic
+kernel). A
 block's bytes are decoded in registers, the bytes of columns 2j and 2j+1 side by side in
 the 16-bit halves of an int32, so that one multiply and two masks give each digit's two
 weights as an fp16 pair, 1 + d/4 with d = code + 1, the operand a tensor-core dot takes
 as is: sum_k code x = 4 dot - 5 sum_k x. The block's alpha and mu are applied once per row
-and block. The activations are gathered through `perm` as they are loaded. (Pairing
+and block. The activations are gathered through `perm` as they are loaded; from M = 2 on
+layers of 2^25 weights or more, once before the kernel instead (every row tile would gather
+them again: 28672x8192 at M = 16 took 156 us, 100 us so; docs/results/fused-kernel-2026-11-23).
+Where the time goes at M = 1 (decode, the alpha/mu epilogue, occupancy) is measured there
+too. (Pairing
 columns j and j + 64 instead, which needs no reshape/split/join, was tried and measured
 slower on an H100, 2026-11-22: fused 11008x4096 M=1 24.8 vs 20.8 us, 28672x8192 M=1 130.1
 vs 104.8 us; dequantize no faster, all within 5%.)
@@ -250,7 +255,8 @@ def update_tuning(settings: dict) -> None:
     """Merge launch settings (a saved tuning.json, or a sweep's best) into TUNING, one level
     down: a kernel's settings that `settings` does not name keep their values."""
     for key, value in settings.items():
-        TUNING[key] = {**TUNING[key], **value} if isinstance(value, dict) and isinstance(TUNING.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(TUNING.get(key), dict)
+        TUNING[key] = {**TUNING[key], **value} if nested else value
 
 
 MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
@@ -265,7 +271,7 @@ def split_count(tiles: int, blocks: int, slots: int) -> int:
     out), which keeps the parts from getting very short. (Before, the count was slots //
     tiles, rounded down: on 28672x8192, 90 tiles, that ran 180 programs on 264 places, each
     64/2 = 32 blocks long; 8 parts, 720 programs of 8 blocks in 3 waves, took 82 against
-    104 us on an H100.)"""
+    104 us on an H100 in one run, docs/results/fused-kernel-2026-11-23.)"""
     best, best_cost = 1, None
     for s in range(1, max(1, blocks) + 1):
         per = triton.cdiv(blocks, s)
