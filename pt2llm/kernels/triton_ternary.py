@@ -13,7 +13,8 @@ weights as an fp16 pair, 1 + d/4 with d = code + 1, the operand a tensor-core do
 as is: sum_k code x = 4 dot - 5 sum_k x. The block's alpha and mu are applied once per row
 and block. The activations are gathered through `perm` as they are loaded; from M = 2 on
 layers of 2^25 weights or more, once before the kernel instead (every row tile would gather
-them again: 28672x8192 at M = 16 took 156 us, 100 us so; docs/results/fused-kernel-2026-11-23).
+them again: 28672x8192 at M = 16 took 156 us in one H100 run, 100-102 us so in two later ones;
+docs/results/fused-kernel-2026-11-23).
 Where the time goes at M = 1 (decode, the alpha/mu epilogue, occupancy) is measured there
 too. (Pairing
 columns j and j + 64 instead, which needs no reshape/split/join, was tried and measured
@@ -289,7 +290,7 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_si
     M, K = x2.shape
     G, NB = packed.shape[0], alpha.shape[1]
     cfg = {**TUNING["fused"], **over}
-    gather = not (M >= cfg.get("gather_from_m", 2) and n_out * K >= cfg.get("gather_from_weights", 1 << 25))
+    gather = not (M >= cfg["gather_from_m"] and n_out * K >= cfg["gather_from_weights"])
     if not gather:  # every row tile would gather the same activations again: once here instead
         x2 = x2.index_select(1, perm.to(torch.int32))
     bg, bm = cfg["block_g"], 16 if M <= 16 else 64
@@ -305,7 +306,7 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_si
         M, n_out, K, G, NB, x2.stride(0), n_out, M * n_out, per_split,
         BLOCK=block_size, BLOCK_G=bg, BLOCK_M=bm, HAS_BIAS=has_bias, BF16=x2.dtype == torch.bfloat16,
         GATHER=gather, num_warps=cfg["warps"],
-        num_stages=cfg["stages"] if gather else cfg.get("gathered_stages", cfg["stages"]))
+        num_stages=cfg["stages"] if gather else cfg["gathered_stages"])
     if splits > 1:
         MN, B = M * n_out, 1024
         _sum_splits_kernel[(triton.cdiv(MN, B),)](part, bias if bias is not None else alpha, out, MN, n_out,

@@ -3,7 +3,7 @@ run (CUDA-graph replays, benchmarks/kernels.py graph_us). From the repository ro
     SHAPES=28672x8192 MS=1,16 VARIANTS='[{"programs": 528}, {"fold": true}]' OUT=DIR \
         PYTHONPATH=$PWD python3 docs/results/fused-kernel-2026-11-23/exp_bench.py
 writes DIR/exp.json (runN.json here)."""
-import sys, json, os, traceback, torch, torch.nn.functional as F
+import sys, json, os, torch, torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
 import exp_kernels as ek
 from kernels import graph_us, make_layer
