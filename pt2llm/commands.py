@@ -82,7 +82,8 @@ def _config(args) -> driver.QuantConfig:
                               itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                               max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
                               rotate=args.rotate, target=args.target, refine=args.refine,
-                              target_damp=args.target_damp, fit_head=args.fit_head)
+                              target_damp=args.target_damp, fit_head=args.fit_head,
+                              attention_aware=args.attention_aware)
 
 
 def _quantize(args, device: str, dist) -> int:
