@@ -82,8 +82,7 @@ def _config(args) -> driver.QuantConfig:
                               itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                               max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
                               rotate=args.rotate, target=args.target, refine=args.refine,
-                              target_damp=args.target_damp, fit_head=args.fit_head,
-                              attention_aware=args.attention_aware)
+                              target_damp=args.target_damp, fit_head=args.fit_head)
 
 
 def _quantize(args, device: str, dist) -> int:

@@ -40,9 +40,6 @@ TARGETS = ("quantized", "float", "residual")
 # --target residual: the linears whose output is added to the residual stream, and the module
 # whose input is that stream just before their sub-layer (Llama-style decoder layers)
 RESIDUAL_WRITERS = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"}
-# --attention-aware: the attention module (its output is (output, probabilities) with eager attention)
-# and the value projection whose Hessian is taken from the attention-mixed inputs (Llama-style layers)
-ATTENTION, VALUE = "self_attn", "self_attn.v_proj"
 
 
 # Hessian damping, as a fraction of mean(diag H): GPTQ's and the paper's 1 %, and 10 % when
@@ -73,7 +70,6 @@ class QuantConfig:
     refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
     target_damp: float | None = None  # damping of W*'s solve (--target float / residual); None: percdamp
     fit_head: bool = False       # refit the 16-bit lm_head to the float logits at the end (`fit_head`)
-    attention_aware: bool = False  # v_proj's Hessian from its inputs mixed by attention, A X (`value_hessian`)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -111,8 +107,6 @@ class QuantConfig:
             raise ValueError("rtn uses no calibration data, so it cannot use --refine")
         if self.method == "rtn" and self.reorder == "hessian":
             raise ValueError("rtn uses no calibration data, so it cannot use --reorder hessian")
-        if self.method == "rtn" and self.attention_aware:
-            raise ValueError("rtn uses no calibration data, so it cannot use --attention-aware")
 
     @property
     def code_bits(self) -> int | None:
@@ -135,8 +129,6 @@ class QuantConfig:
             d.pop("target_damp")  # one damping for both solves, as before the option existed
         if not self.fit_head:
             d.pop("fit_head")
-        if not self.attention_aware:
-            d.pop("attention_aware")
         return d
 
     @property
@@ -306,11 +298,6 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, config: QuantConfig, d
         if missing:
             raise DriverError(f"--target residual needs Llama-style decoder layers; {layers_name}.0 has no "
                               f"{', '.join(missing)}")
-    if config.attention_aware:
-        missing = [n for n in (ATTENTION, VALUE) if not _has(layers[0], n)]
-        if missing:
-            raise DriverError(f"--attention-aware needs Llama-style decoder layers; {layers_name}.0 has no "
-                              f"{', '.join(missing)}")
     head_norm = final_norm(model, parent) if config.fit_head else None  # refused before any work
     if layer_loader is None:
         check_finite(layers, layers_name)
@@ -452,8 +439,6 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         args, kwargs = extra
         t = time.perf_counter()
         groups = linear_groups(layer, inps[0], args, kwargs)
-        if config.attention_aware:
-            groups = value_apart(groups)
         stats.seconds["forward"] += time.perf_counter() - t
     else:  # no data: nothing ties the linears together (one group when shared out over devices)
         groups = [[n] for n in linears] if dist is None else [list(linears)]
@@ -463,10 +448,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         if inps is not None:
             t = time.perf_counter()
             drift = RESIDUAL_WRITERS.get(group[0]) if config.target == "residual" and len(group) == 1 else None
-            if config.attention_aware and group == [VALUE]:
-                H, D, P = *value_hessian(layer, inps, args, kwargs, flayer, finps), None
-            else:
-                H, D, P = _group_hessian(layer, group, inps, args, kwargs, flayer, finps, drift)
+            H, D, P = _group_hessian(layer, group, inps, args, kwargs, flayer, finps, drift)
             stats.seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         owners = None if dist is None else dist.assign(group, linears)
@@ -568,77 +550,3 @@ def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, fin
         for h in hooks:
             h.remove()
     return acc.H, (acc.D if cross else None), (acc.P if drift is not None else None)
-
-
-def value_apart(groups: list[list[str]]) -> list[list[str]]:
-    """--attention-aware: v_proj leaves the group it shares an input with (q/k/v) and forms its
-    own group right after it, so its Hessian is taken with q and k already quantized."""
-    out = []
-    for g in groups:
-        if VALUE in g and len(g) > 1:
-            out += [[n for n in g if n != VALUE], [VALUE]]
-        else:
-            out.append(g)
-    return out
-
-
-def _attention_inputs(layer, x, args, kwargs):
-    """(X, A) for one window x [1, T, hidden] through `layer`: v_proj's input X [T, in] and the
-    attention probabilities A [heads, T, T] of every query head, from one forward pass with eager
-    attention under a causal mask built here (calibration windows are whole causal sequences;
-    the captured mask may be None, as SDPA takes causality as a flag). Stopped once the attention
-    module returns."""
-    attn = layer.get_submodule(ATTENTION)
-    seen = {}
-
-    def keep(module, inp):
-        seen["x"] = inp[0]
-
-    def done(module, inp, out):
-        seen["a"] = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-        raise _StopForward
-
-    T = x.shape[1]
-    mask = torch.full((T, T), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)[None, None]
-    hooks = [layer.get_submodule(VALUE).register_forward_pre_hook(keep), attn.register_forward_hook(done)]
-    impl = attn.config._attn_implementation
-    attn.config._attn_implementation = "eager"
-    try:
-        _forward_until_stop(layer, x, *args, **{**kwargs, "attention_mask": mask})
-    finally:
-        attn.config._attn_implementation = impl
-        for h in hooks:
-            h.remove()
-    a = seen.get("a")
-    if a is None or "x" not in seen or a.dim() != 4 or a.shape[0] != 1 or a.shape[-1] != T:
-        raise DriverError(f"--attention-aware: {type(attn).__name__} returned no attention probabilities "
-                          f"[1, heads, {T}, {T}] with eager attention")
-    return seen["x"][0], a[0]
-
-
-def value_hessian(layer, inps, args, kwargs, flayer=None, finps=None):
-    """(H, D) for v_proj with --attention-aware (beyond the paper; BoA's attention-aware Hessian,
-    summed over heads). What o_proj reads of query head h is A_h X W_gᵀ (g: h's key/value head),
-    so v_proj's error E counts as Σ_h ‖A_h X Eᵀ‖², not ‖X Eᵀ‖²: the Hessian is GPTQ's, over the rows
-    of A_h X for every head h (H = 2/N Σ_h (A_h X)ᵀ A_h X), with A from the layer as it stands
-    (q and k already quantized: `value_apart`). Summing over all heads gives every row of v_proj
-    one H, so the linear keeps one column order. With `flayer` / `finps` (the float target),
-    D is `CrossAccumulator`'s cross term over the same rows and the float layer's Ã_h X̃."""
-    v = layer.get_submodule(VALUE)
-    cross = finps is not None
-    acc = (ternary.target.CrossAccumulator if cross else ternary.HessianAccumulator)(v.in_features,
-                                                                                    device=v.weight.device)
-    for j, x in enumerate(inps):
-        X, A = _attention_inputs(layer, x, args, kwargs)
-        if cross:
-            Xf, Af = _attention_inputs(flayer, finps[j], args, kwargs)
-        with stage("hessian"):
-            X = X.float()
-            Xf = Xf.float() if cross else None
-            for h in range(A.shape[0]):  # one head at a time: [T, in] rows, never [heads, T, in]
-                y = A[h].float() @ X
-                if cross:
-                    acc.add(y, Af[h].float() @ Xf)
-                else:
-                    acc.add(y)
-    return acc.H, (acc.D if cross else None)
