@@ -6,20 +6,18 @@ y[m, n] = bias[n] + sum over blocks b of  alpha[n, b] * sum_{k in b} code[n, k] 
 `matmul` (the fused kernel, M <= 16): each program takes BLOCK_G packed rows (5 BLOCK_G
 weight rows) and walks its share of the 128-column blocks (split-K when there are too few
 row tiles to fill the GPU, `split_count`; the partial sums meet in a second, deterministic
-kernel). A
-block's bytes are decoded in registers, the bytes of columns 2j and 2j+1 side by side in
-the 16-bit halves of an int32, so that one multiply and two masks give each digit's two
-weights as an fp16 pair, 1 + d/4 with d = code + 1, the operand a tensor-core dot takes
+kernel). A block's bytes are decoded in registers, the bytes of columns 2j and 2j+1 side by
+side in the 16-bit halves of an int32, so that one multiply and two masks give each digit's
+two weights as an fp16 pair, 1 + d/4 with d = code + 1, the operand a tensor-core dot takes
 as is: sum_k code x = 4 dot - 5 sum_k x. The block's alpha and mu are applied once per row
 and block. The activations are gathered through `perm` as they are loaded; from M = 2 on
 layers of 2^25 weights or more, once before the kernel instead (every row tile would gather
 them again: 28672x8192 at M = 16 took 156 us in one H100 run, 100-102 us so in two later ones;
-docs/results/fused-kernel-2026-11-23).
-Where the time goes at M = 1 (decode, the alpha/mu epilogue, occupancy) is measured there
-too. (Pairing
-columns j and j + 64 instead, which needs no reshape/split/join, was tried and measured
-slower on an H100, 2026-11-22: fused 11008x4096 M=1 24.8 vs 20.8 us, 28672x8192 M=1 130.1
-vs 104.8 us; dequantize no faster, all within 5%.)
+docs/results/fused-kernel-2026-11-23). Where the time goes at M = 1 (decode, the alpha/mu
+epilogue, occupancy) is measured there too. (Pairing columns j and j + 64 instead, which
+needs no reshape/split/join, was tried and measured slower on an H100, 2026-11-22: fused
+11008x4096 M=1 24.8 vs 20.8 us, 28672x8192 M=1 130.1 vs 104.8 us; dequantize no faster, all
+within 5%.)
 
 The decoding (fp16), per 16-bit half, with q the byte: state S = y + 0x1400 with y = q 3^i
 mod 256 (S = q + 0x1400 for digit 0). Z = 3 S = 3y + 0x3C00 holds d_i in bits 8-9 above
