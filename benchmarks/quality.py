@@ -85,11 +85,6 @@ ROWS = {
                                              "10% damping, lm_head refit", "pt2llm",
                                              ["--rotate", "hadamard", "--reorder", "hessian", "--target", "residual",
                                               "--refine", "4", "--percdamp", "0.1", "--fit-head"]),
-    "pt2-rot-hessian-residual-refine-head-norms": ("PT² + rotation, Hessian order, residual target, refinement "
-                                                   "(4 sweeps), 10% damping, lm_head and norm refits", "pt2llm",
-                                                   ["--rotate", "hadamard", "--reorder", "hessian", "--target",
-                                                    "residual", "--refine", "4", "--percdamp", "0.1", "--fit-head",
-                                                    "--fit-norms"]),
 }
 PPL_SETS = ("wikitext2", "c4")
 

@@ -69,11 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that its logits on the quantized model's final hidden states match the float "
                         "model's on the calibration windows (beyond the paper; a tied lm_head is untied, "
                         "which stores it apart from the embeddings)")
-    q.add_argument("--fit-norms", action="store_true",
-                   help="with --target float / residual: once the linears that read a norm (q/k/v, gate/up) are "
-                        "quantized, rescale that norm's 16-bit weight, channel by channel, so that their outputs "
-                        "best fit the float model's on the calibration windows (least squares; beyond the paper; "
-                        "no cost at run time)")
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")

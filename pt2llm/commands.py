@@ -82,8 +82,7 @@ def _config(args) -> driver.QuantConfig:
                               itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                               max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
                               rotate=args.rotate, target=args.target, refine=args.refine,
-                              target_damp=args.target_damp, fit_head=args.fit_head,
-                              fit_norms=args.fit_norms)
+                              target_damp=args.target_damp, fit_head=args.fit_head)
 
 
 def _quantize(args, device: str, dist) -> int:
@@ -157,8 +156,6 @@ def _quantize(args, device: str, dist) -> int:
                "config": qc, "per_layer": stats.layers}
         if stats.head is not None:
             rep["fit_head"] = stats.head
-        if stats.norms:
-            rep["fit_norms"] = stats.norms
         if dist is not None:  # who quantized what (rank 0's peak memory and host figures above)
             rep["ranks"] = stats.ranks
             rep["owners"] = stats.owners

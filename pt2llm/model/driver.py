@@ -40,8 +40,6 @@ TARGETS = ("quantized", "float", "residual")
 # --target residual: the linears whose output is added to the residual stream, and the module
 # whose input is that stream just before their sub-layer (Llama-style decoder layers)
 RESIDUAL_WRITERS = {"self_attn.o_proj": "input_layernorm", "mlp.down_proj": "post_attention_layernorm"}
-# --fit-norms: the first linear of each group that reads a norm's output, and that norm
-NORM_READERS = {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
 
 
 # Hessian damping, as a fraction of mean(diag H): GPTQ's and the paper's 1 %, and 10 % when
@@ -53,8 +51,6 @@ PAPER_DAMP = 0.01
 TARGET_DAMP = 0.1
 # --fit-head: damping of the lm_head refit's solve (flat from 0.1 % to 10 % on SmolLM2, quick protocol)
 HEAD_DAMP = 0.01
-# --fit-norms: ridge of the norm scales' solve, towards the scales left unchanged
-NORM_DAMP = 0.01
 
 
 @dataclass
@@ -74,8 +70,6 @@ class QuantConfig:
     refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
     target_damp: float | None = None  # damping of W*'s solve (--target float / residual); None: percdamp
     fit_head: bool = False       # refit the 16-bit lm_head to the float logits at the end (`fit_head`)
-    fit_norms: bool = False      # refit each norm's 16-bit weight to the float outputs of the quantized linears
-                                 # that read it (`ternary.target.input_scales`)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -107,9 +101,6 @@ class QuantConfig:
         if self.fit_head and self.target == "quantized":
             raise ValueError("--fit-head fits the float model's logits, so it needs --target float or "
                              "--target residual")
-        if self.fit_norms and self.target == "quantized":
-            raise ValueError("--fit-norms fits the float model's outputs, so it needs --target float or "
-                             "--target residual")
         if self.refine < 0:
             raise ValueError(f"--refine must be >= 0, got {self.refine}")
         if self.method == "rtn" and self.refine:
@@ -138,8 +129,6 @@ class QuantConfig:
             d.pop("target_damp")  # one damping for both solves, as before the option existed
         if not self.fit_head:
             d.pop("fit_head")
-        if not self.fit_norms:
-            d.pop("fit_norms")
         return d
 
     @property
@@ -156,7 +145,6 @@ class DriverStats:
     owners: dict = field(default_factory=dict)   # several devices: linear's dotted name -> rank
     ranks: list = field(default_factory=list)    # several devices: per rank, device and its own seconds
     head: dict | None = None                     # --fit-head: the calibration logit error before and after
-    norms: list = field(default_factory=list)    # --fit-norms: per refitted norm, the range of its scales
 
 
 def find_decoder_layers(model: nn.Module):
@@ -491,9 +479,6 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
                 stats.damping_raised.append((f"{prefix}.{n}", r.damp, r.recomputed))
             lin.weight.copy_(r.dequantize().to(lin.weight.dtype))  # later groups see it quantized
             results[n] = r
-        if config.fit_norms and D is not None and group[0] in NORM_READERS:
-            with stage("fit_norms"):
-                _fit_norm(layer, flayer, group, H, D, stats, prefix)
         stats.seconds["quantize"] += time.perf_counter() - t - shared
     for n, r in results.items():
         with stage("packing"):
@@ -501,21 +486,6 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         q.input_transform = getattr(linears[n], "input_transform", None)  # rotated down_proj: x Q stays online
         _set_module(layer, n, q)
     return list(results)
-
-
-def _fit_norm(layer, flayer, group: list[str], H, D, stats, prefix) -> None:
-    """--fit-norms: scale the weight of the norm that `group` reads (NORM_READERS) by the input
-    scales that best fit the group's float outputs now that its linears are quantized
-    (`ternary.target.input_scales`); the later groups then see the scaled inputs."""
-    norm = layer.get_submodule(NORM_READERS[group[0]])
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (H.shape[0],):
-        raise DriverError(f"--fit-norms needs an elementwise weight on {prefix}.{NORM_READERS[group[0]]}")
-    pairs = [(layer.get_submodule(n).weight, flayer.get_submodule(n).weight) for n in group]
-    s = ternary.target.input_scales(pairs, H, D, NORM_DAMP)
-    weight.mul_(s.to(weight.device, weight.dtype))
-    stats.norms.append({"norm": f"{prefix}.{NORM_READERS[group[0]]}", "min": round(float(s.min()), 4),
-                        "max": round(float(s.max()), 4)})
 
 
 def _round_to_fp16(module: nn.Module) -> None:

@@ -119,34 +119,3 @@ def float_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: fl
         WD = WD + P.double()
     Y = _damped_solve(H, WD.T, percdamp)                        # Hd Y = (W D + P)ᵀ; Hd is symmetric
     return (W64 + Y.T).to(torch.float32)
-
-
-def input_scales(pairs, H: torch.Tensor, D: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """--fit-norms (beyond the paper): the per-input-channel scales s that best fit, together,
-    the float outputs of the linears that read one norm's output, once they are quantized:
-
-        min over s of  Σ_ℓ ‖Ŵ_ℓ diag(s) X − W_ℓ X̃‖²  + λ ‖s − 1‖²,
-
-    with pairs = [(Ŵ_ℓ, W_ℓ)] (quantized and float weights, the same input columns), H and D
-    as `CrossAccumulator` gives them for X (the quantized model's inputs) and X̃ (the float
-    model's), λ = percdamp · mean(diag A). s multiplies the norm's weight, so it costs nothing
-    at run time. The normal equations, with C = Σ x x̃ᵀ = (D + H)ᵀ:
-
-        (Σ_ℓ ŴᵀŴ ∘ H) s = rowsum(Σ_ℓ ŴᵀW ∘ C)   (∘: elementwise),
-
-    solved in float64; returns s in float32."""
-    H64 = H.double()
-    C = (D.double() + H64).T
-    A = torch.zeros_like(H64)
-    b = torch.zeros(H64.shape[0], dtype=torch.float64, device=H64.device)
-    for Wq, W in pairs:
-        Wq = Wq.to(H64.device, torch.float64)
-        A += Wq.T @ Wq
-        b += ((Wq.T @ W.to(H64.device, torch.float64)) * C).sum(dim=1)
-    A *= H64
-    lam = percdamp * float(torch.diagonal(A).mean())
-    A.diagonal().add_(lam)
-    b += lam
-    L, info = torch.linalg.cholesky_ex(A)
-    s = torch.cholesky_solve(b[:, None], L)[:, 0] if int(info) == 0 else torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
-    return s.to(torch.float32)
