@@ -1,6 +1,7 @@
 """End to end on one CUDA GPU: a Llama-2-7B-shaped model (config written out here, random
 weights) in fp16, then with every decoder linear ternary, through the same timing as
-`pt2llm bench` (pt2llm.speed.measure).
+`pt2llm bench` (pt2llm.speed.measure), and the ternary model once more with the CUDA mma
+kernel switched off (PT2LLM_CUDA_KERNEL=0: decode on the Triton kernel).
 
     PYTHONPATH=$PWD python3 benchmarks/e2e.py --out docs/results     # e2e.json, e2e.md
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -81,9 +83,14 @@ def main():
     r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
     rows.append({"model": f"ternary ({n} TernaryLinear)", **r})
     print(rows[-1], flush=True)
+    os.environ["PT2LLM_CUDA_KERNEL"] = "0"  # the same model on the Triton kernels alone
+    r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
+    del os.environ["PT2LLM_CUDA_KERNEL"]
+    rows.append({"model": "ternary, Triton kernels only (PT2LLM_CUDA_KERNEL=0)", **r})
+    print(rows[-1], flush=True)
     for row in rows:
         row["date"] = date
-    f16, tern = rows
+    f16, tern, _ = rows
     summary = {"decode_speedup": round(tern["decode_tokens_per_s"] / f16["decode_tokens_per_s"], 2),
                "prefill_speedup": round(tern["prefill_tokens_per_s"] / f16["prefill_tokens_per_s"], 2),
                "memory_ratio": round(f16["model_gb"] / tern["model_gb"], 2)}

@@ -1,4 +1,4 @@
-"""Ternary Triton kernels against torch.nn.functional.linear in fp16, on one CUDA GPU.
+"""Ternary kernels (CUDA mma kernel, Triton kernels) against torch.nn.functional.linear in fp16, one CUDA GPU.
 
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --out docs/results    # kernels.json, kernels.md
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --sweep --out DIR     # tune first, then the same
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from pt2llm import pack
-from pt2llm.kernels import triton_ternary as tt
+from pt2llm.kernels import cuda_ternary, triton_ternary as tt
 from pt2llm.rotate import hadamard
 from pt2llm.rotate.online import hadamard_input, hadamard_input_torch
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]  # out x in
-MS = [1, 16, 128, 2048]
+MS = [1, 4, 16, 128, 2048]
 
 
 def copy_bandwidth() -> float:
@@ -113,12 +113,15 @@ def run(args):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             fp16_us = graph_us(lambda w: F.linear(x, w), {"w": w16})
             paths = {"fused": None, "prefill": None} if m <= 128 else {"prefill": None}  # fused: far slower there
+            if m <= 16 and cuda_ternary.supported(x, L["packed"], L["perm"], 128):
+                paths = {"mma": None, **paths}
             for p in paths:
                 y = tt.linear(x, **L, path=p)
                 err = check(L, x, y)
                 assert err < 2e-3, (n, k, m, p, err)
                 paths[p] = graph_us(lambda **c: tt.linear(x, **c, path=p), L)
-            used = "fused" if m < tt.TUNING["prefill_from_m"] else "prefill"  # what linear() runs
+            used = ("mma" if tt.use_mma(x, L["packed"], L["perm"], 128)  # what linear() runs
+                    else "fused" if m < tt.TUNING["prefill_from_m"] else "prefill")
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
             fp16_share = (2 * n * k + 2 * m * k + 2 * m * n) / (fp16_us * 1e-6) / bw
@@ -257,15 +260,19 @@ def write(rows, dev, date, bw, out: Path):
              "Shapes are out x in; speedup = fp16 time / ternary time; bandwidth share = the ternary "
              "kernel's fewest bytes over its time, as a share of the copy's bandwidth. Times per call "
              "from CUDA-graph replays over copies of the weights (256 MiB or more in all: weights come from "
-             "device memory; no launch gaps), median of replays. M <= 16: the fused Triton kernel; larger M: "
-             "dequantize (in the original column order) + cuBLAS (both paths' times given). Launch settings: "
-             f"`{json.dumps(tt.TUNING)}`.", "",
-             "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | fused µs | dequant+cuBLAS µs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "device memory; no launch gaps), median of replays. Paths: `mma`, the CUDA kernel (kernels/cuda_ternary.py, "
+             f"the default up to M = {tt.TUNING['mma_max_m']}); `fused`, the Triton kernel (the default up to M = "
+             f"{tt.TUNING['prefill_from_m'] - 1} after that); `prefill`, dequantize (in the original column order) + "
+             "cuBLAS (larger M). Every path's time is given where it was timed. Launch settings: Triton "
+             f"`{json.dumps(tt.TUNING)}`, CUDA `{json.dumps(cuda_ternary.TUNING)}`.", "",
+             "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | mma µs | fused µs | "
+             "dequant+cuBLAS µs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paths_us"]
         lines.append(f"| {r['shape']} | {r['M']} | {r['fp16_us']:.1f} | {r['ternary_us']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['bandwidth_share']:.0%} | {r['path']} | {p.get('fused', '')} | {p.get('prefill', '')} |")
+                     f"{r['bandwidth_share']:.0%} | {r['path']} | {p.get('mma', '')} | {p.get('fused', '')} | "
+                     f"{p.get('prefill', '')} |")
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

@@ -52,6 +52,7 @@ is how CI checks it.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,7 @@ TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264, gather_from
                         gather_from_weights=1 << 25, gathered_stages=3),
           "dequant": dict(block_g=8, warps=2),
           "dequant_original": dict(block_c=1024, warps=8),
-          "prefill_from_m": 17}
+          "prefill_from_m": 17, "mma_max_m": 8}
 
 
 def update_tuning(settings: dict) -> None:
@@ -360,19 +361,37 @@ def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int, inv_
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
+def use_mma(x2: torch.Tensor, packed, perm, block_size: int) -> bool:
+    """Whether the CUDA mma kernel (cuda_ternary) takes these rows by default: up to
+    TUNING["mma_max_m"] rows, where it measured faster than the fused kernel, when it
+    compiles here and takes the shapes (cuda_ternary.supported), unless PT2LLM_CUDA_KERNEL=0."""
+    if x2.shape[0] > TUNING["mma_max_m"] or os.environ.get("PT2LLM_CUDA_KERNEL", "1") == "0":
+        return False
+    from . import cuda_ternary
+    return cuda_ternary.supported(x2, packed, perm, block_size)
+
+
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
-    path: "fused" or "prefill"; by default fused below TUNING["prefill_from_m"] rows.
+    path: "mma" (the CUDA kernel, cuda_ternary), "fused" or "prefill"; by default mma up to
+    TUNING["mma_max_m"] rows where it is available (use_mma), else fused below
+    TUNING["prefill_from_m"] rows, else prefill.
     inv_perm: perm's inverse (inverse_perm(perm)), for prefill; computed there when None."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if path is None:
-        path = "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
+        if use_mma(x2, packed, perm, block_size):
+            path = "mma"
+        else:
+            path = "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
     bias = None if bias is None else bias.to(x.dtype)
-    if path == "fused":
+    if path == "mma":
+        from . import cuda_ternary
+        y = cuda_ternary.matmul(x2, packed, alpha, mu, perm, bias, n_out)
+    elif path == "fused":
         y = matmul(x2, packed, alpha, mu, perm, bias, n_out, block_size)
     else:
         y = prefill(x2, packed, alpha, mu, perm, bias, n_out, block_size, inv_perm)

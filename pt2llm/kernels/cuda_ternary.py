@@ -1,0 +1,376 @@
+"""A CUDA kernel for TernaryLinear at small M (decode), compiled at run time with NVRTC.
+
+y[m, n] = bias[n] + sum over blocks b of  alpha[n, b] * sum_{k in b} code[n, k] x[m, perm[k]]
+                                        +    mu[n, b] * sum_{k in b} x[m, perm[k]]
+
+Why CUDA and not Triton here: the Triton kernel (triton_ternary.matmul) decodes a tile and
+hands it to `tl.dot`, which picks its own register layout (wgmma, 250 registers a thread, two
+programs an SM) and forces the alpha/mu epilogue into a separate dot per block; it ran at
+15-23 % of the copy bandwidth on an H100 (docs/results/fused-kernel-2026-11-23). Here each
+thread decodes straight into the operand registers of `mma.sync.m16n8k16` (fp16 in, fp32
+accumulate), so nothing moves between decode and multiply (docs/results/mma-kernel).
+
+Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
+- a warp owns 16 packed rows (80 weight rows); lane (g, t) = (lane // 4, lane % 4) holds
+  packed rows g and g + 8 and, in every block, the 32 stored columns 32 t .. 32 t + 31 of
+  them (two 16-byte loads a row, the next block's loaded while this one is multiplied). A
+  CTA is WARPS warps and one range of blocks (split-K; the CTA that finishes a row range
+  last sums the splits in split order, so the result does not depend on timing);
+- the mma's reduction index k only has to mean the same column in A and B, so k-step s of a
+  block maps the fragment's k = 2t, 2t+1 to columns 32 t + 4 s + {0, 1} and k = 2t+8, 2t+9
+  to 32 t + 4 s + {2, 3}: the byte word the lane loaded is used as is;
+- digit i of the 16 packed rows is the mma's 16 rows, one mma per digit and k-step, so the
+  five weight rows a byte holds go to five accumulators; a sixth mma with A = 1 gives the
+  block's sum of x, which mu needs;
+- before its first block a CTA stages, in shared memory, the activations of all its blocks
+  (gathered through perm; rows m < M; the B fragment's column n is row m) and its rows'
+  (alpha, mu) pairs, so the loop over blocks has no barrier and no load but the codes'.
+
+Decoding: with d_i = code + 1 the digits of byte q, A_i = floor(3^(i+1) q / 256) = 3 A_(i-1)
++ d_i (pack.pack_trit_rows stores q = ceil(256 v / 243)). Multiplying the 16-bit half that
+holds q by 3 leaves A_i in its high byte, and one byte permute turns two such bytes into a
+pair of fp16 subnormals A 2^-24, exact: an integer multiply and a permute for two weights.
+The mma sums D_i = 2^-24 sum_k A_i x, and sum_k d_i x = 2^24 (D_i - 3 D_(i-1)) (A restarts
+before digit 3, so the difference cancels little: error as the Triton kernel's).
+
+Requirements (else the Triton kernel runs): a CUDA GPU of compute capability 8.0 or more,
+fp16 activations, M <= 16, block size 128, K a multiple of 32, the packed codes contiguous
+and 16-byte aligned, perm int16 or int32 with K entries, and NVRTC (torch.cuda's
+`_compile_kernel`, which loads the NVRTC that CUDA builds of torch ship). It compiles once
+per process and variant (about 2 s). Split-K uses per-stream arrival counters: two launches
+of it must not run at the same time on one stream (they cannot: a stream runs in order).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .triton_ternary import split_count
+
+_SRC = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#ifndef WARPS
+#define WARPS 4              // warps a CTA, each 16 packed rows (80 weight rows)
+#endif
+#ifndef MINB
+#define MINB 3               // CTAs an SM should hold (caps registers at 65536 / (32 WARPS MINB))
+#endif
+#ifndef MINB2
+#define MINB2 2              // the same for M > 8
+#endif
+#define RS 84                // words a block's row of staged activations takes (4 chunks of 16, padded)
+#define ROWS (WARPS * 80)    // weight rows a CTA
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+
+__device__ __forceinline__ void ld_codes(const u8* p, u32* w) {  // 16 bytes, read once: no L1
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Digit decoding. A packed byte q (format 2) holds d_0..d_4 (d = code + 1) so that
+// A_i = floor(3^(i+1) q / 256) = 3 A_(i-1) + d_i: multiplying the 16-bit half holding q by 3
+// leaves A_i in its high byte (3^5 q < 2^16: no carry into the next half), and one byte
+// permute makes (A_i, A_i') of two bytes an fp16 pair of subnormals A 2^-24, exact. The mma
+// sums them: D_i = 2^-24 sum_k A_i x, and sum_k d_i x = 2^24 (D_i - 3 D_(i-1)). A restarts
+// (the high byte cleared) before digit 3, so A <= 26 and the difference cancels little.
+//
+// Shared memory (dynamic): the CTA's activations for all its blocks, xs[row][block][RS words]
+// (XR rows: 1 when M = 1, else 8 NT), then its rows' (alpha, mu) pairs, am[block][ROWS].
+template <int NT, bool M1>
+__global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
+    const u16* __restrict__ x, const u8* __restrict__ packed, const u16* __restrict__ alpha,
+    const u16* __restrict__ mu, const void* __restrict__ perm, const u16* __restrict__ bias,
+    u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
+    int M, int N, int K, int G, int NB, int stride_xm, int per_split, int splits, int perm32,
+    int has_bias) {
+  constexpr int XR = M1 ? 1 : NT * 8;
+  constexpr int THREADS = 32 * WARPS;
+  extern __shared__ __align__(16) u32 smem[];
+  __shared__ int last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int pA = (blockIdx.x * WARPS + warp) * 16 + g, pB = pA + 8;
+  const int b0 = blockIdx.y * per_split, b1 = min(b0 + per_split, NB), nblk = b1 - b0;
+  const int n0 = blockIdx.x * ROWS;
+  u32* xs = smem;
+  u32* am = smem + XR * per_split * RS;
+
+  const u8* rowA = packed + (long long)min(pA, G - 1) * K + 32 * t;
+  const u8* rowB = packed + (long long)min(pB, G - 1) * K + 32 * t;
+  const bool okA = pA < G, okB = pB < G;
+  u32 nxt[16];
+  auto fetch = [&](int blk) {  // this lane's 32 bytes of rows pA (nxt[0..7]) and pB (nxt[8..15])
+    const int col = blk * 128;
+    const bool in = col + 32 * t < K;
+    if (in && okA) { ld_codes(rowA + col, nxt); ld_codes(rowA + col + 16, nxt + 4); }
+    else {
+      #pragma unroll
+      for (int q = 0; q < 8; ++q) nxt[q] = 0;
+    }
+    if (in && okB) { ld_codes(rowB + col, nxt + 8); ld_codes(rowB + col + 16, nxt + 12); }
+    else {
+      #pragma unroll
+      for (int q = 8; q < 16; ++q) nxt[q] = 0;
+    }
+  };
+  fetch(b0);
+
+  // stage the activations x[m, perm[k]] of every block (zeros past K and M) ...
+  {
+    u16* xh = (u16*)xs;
+    #pragma unroll 4
+    for (int idx = threadIdx.x; idx < nblk * 128; idx += THREADS) {
+      const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
+      const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
+      #pragma unroll
+      for (int r = 0; r < XR; ++r)
+        xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] =
+            (col >= 0 && r < M) ? x[(long long)r * stride_xm + col] : (u16)0;
+    }
+  }
+  // ... and the (alpha, mu) of the CTA's rows at its blocks (rows past N: row N - 1, never stored)
+  #pragma unroll 4
+  for (int idx = threadIdx.x; idx < nblk * ROWS; idx += THREADS) {
+    const int row = idx / nblk, blk = idx - row * nblk;
+    const long long at = (long long)min(n0 + row, N - 1) * NB + b0 + blk;
+    am[blk * ROWS + row] = (u32)alpha[at] | ((u32)mu[at] << 16);
+  }
+  __syncthreads();
+
+  float acc[5][NT][4];
+  #pragma unroll
+  for (int i = 0; i < 5; ++i)
+    #pragma unroll
+    for (int j = 0; j < NT; ++j)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  const int rA = (warp * 16 + g) * 5, rB = rA + 40;  // the lane's weight rows in the CTA, digit 0
+
+  for (int it = 0; it < nblk; ++it) {
+    u32 cur[16];
+    #pragma unroll
+    for (int q = 0; q < 16; ++q) cur[q] = nxt[q];
+    if (it + 1 < nblk) fetch(b0 + it + 1);
+
+    float d[5][NT][4], sx[NT][4];
+    #pragma unroll
+    for (int j = 0; j < NT; ++j)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sx[j][e] = 0.f;
+        #pragma unroll
+        for (int i = 0; i < 5; ++i) d[i][j][e] = 0.f;
+      }
+    #pragma unroll
+    for (int s = 0; s < 8; ++s) {  // k-step s: columns 32 t + 4 s .. 32 t + 4 s + 3
+      u32 bx[NT][2];
+      #pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        // B fragment column n = g is activation row m = 8 j + g; rows past M read row 0
+        // (their outputs are never stored)
+        const int m = M1 ? 0 : ((8 * j + g < M) ? 8 * j + g : 0);
+        const u32* xb = xs + (m * per_split + it) * RS + t * 20 + 2 * s;
+        bx[j][0] = xb[0];
+        bx[j][1] = xb[1];
+      }
+      // bytes of columns +0, +1 (A-fragment k = 2t, 2t+1) and +2, +3 (k = 2t+8, 2t+9)
+      u32 zA0 = __byte_perm(cur[s], 0, 0x4140), zA1 = __byte_perm(cur[s], 0, 0x4342);
+      u32 zB0 = __byte_perm(cur[8 + s], 0, 0x4140), zB1 = __byte_perm(cur[8 + s], 0, 0x4342);
+      #pragma unroll
+      for (int i = 0; i < 5; ++i) {
+        if (i == 3) {
+          zA0 &= 0x00FF00FFu; zA1 &= 0x00FF00FFu; zB0 &= 0x00FF00FFu; zB1 &= 0x00FF00FFu;
+        }
+        zA0 *= 3u; zA1 *= 3u; zB0 *= 3u; zB1 *= 3u;
+        const u32 a0 = __byte_perm(zA0, 0, 0x4341), a1 = __byte_perm(zB0, 0, 0x4341);
+        const u32 a2 = __byte_perm(zA1, 0, 0x4341), a3 = __byte_perm(zB1, 0, 0x4341);
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) mma(d[i][j], a0, a1, a2, a3, bx[j][0], bx[j][1]);
+      }
+      #pragma unroll
+      for (int j = 0; j < NT; ++j) mma(sx[j], 0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u, bx[j][0], bx[j][1]);
+    }
+    // sum_k code x = sum_k d x - S:  acc += alpha 2^24 (D_i - 3 D_(i-1)) + (mu - alpha) S
+    // (no D_2 term at digit 3: A restarted). With M = 1 only accumulators 0 and 2 of lanes
+    // t = 0 are ever stored: the others are skipped.
+    const u32* amb = am + it * ROWS;
+    #pragma unroll
+    for (int i = 4; i >= 0; --i) {
+      const u32 pa = amb[rA + i], pb = amb[rB + i];
+      const float aA = h2f((u16)pa), aB = h2f((u16)pb);
+      const float sA = 16777216.f * aA, cA = h2f((u16)(pa >> 16)) - aA;
+      const float sB = 16777216.f * aB, cB = h2f((u16)(pb >> 16)) - aB;
+      #pragma unroll
+      for (int j = 0; j < NT; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (M1 && (e & 1)) continue;
+          const float di = (i == 0 || i == 3) ? d[i][j][e] : d[i][j][e] - 3.f * d[i - 1][j][e];
+          acc[i][j][e] += (e < 2 ? sA : sB) * di + (e < 2 ? cA : cB) * sx[j][e];
+        }
+    }
+  }
+
+  // accumulator e of (digit i, n-tile j): weight row 5 (e < 2 ? pA : pB) + i, activation row
+  // 8 j + 2 t + (e & 1)
+  if (splits == 1) {
+    #pragma unroll
+    for (int i = 0; i < 5; ++i)
+      #pragma unroll
+      for (int j = 0; j < NT; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = 5 * (e < 2 ? pA : pB) + i, m = 8 * j + 2 * t + (e & 1);
+          if (n < N && m < M) {
+            float v = acc[i][j][e];
+            if (has_bias) v += h2f(bias[n]);
+            out[(long long)m * N + n] = f2h(v);
+          }
+        }
+    return;
+  }
+  float* mine = part + (long long)blockIdx.y * M * N;
+  #pragma unroll
+  for (int i = 0; i < 5; ++i)
+    #pragma unroll
+    for (int j = 0; j < NT; ++j)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = 5 * (e < 2 ? pA : pB) + i, m = 8 * j + 2 * t + (e & 1);
+        if (n < N && m < M) __stcg(mine + (long long)m * N + n, acc[i][j][e]);
+      }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // the last CTA of this row range: sum the splits in split order, add the bias, store
+  for (int idx = threadIdx.x; idx < M * ROWS; idx += 32 * WARPS) {
+    const int m = idx / ROWS, n = n0 + idx % ROWS;
+    if (n >= N) continue;
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += __ldcg(part + ((long long)s * M + m) * N + n);
+    if (has_bias) v += h2f(bias[n]);
+    out[(long long)m * N + n] = f2h(v);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next call
+}
+"""
+
+
+def source() -> str:
+    """The kernel's CUDA source (compiled by `_kernel`)."""
+    return _SRC
+
+
+# Launch settings, from H100 sweeps (docs/results/mma-kernel): warps a CTA, the CTAs an SM is
+# asked to hold (registers: 65536 / (32 warps minb)), and the CTAs the GPU runs at once,
+# which split-K aims to fill; layers of `large_from` weights or more take the "large" set.
+TUNING = {"small": dict(warps=4, minb=3, slots=396), "large": dict(warps=8, minb=2, slots=264),
+          "large_from": 1 << 26}
+RS = 84              # the kernel's words a staged row of activations takes per block
+SMEM = 48 * 1024     # dynamic shared memory a CTA may take (no opt-in needed up to here)
+
+
+def _variant(m: int) -> tuple[int, bool]:
+    """(n-tiles of 8 rows, M == 1) of the compiled kernel that takes M rows."""
+    return (1 if m <= 8 else 2), m == 1
+
+
+def options(warps: int, minb: int) -> list[str]:
+    return ["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"]
+
+
+@functools.cache
+def _kernel(nt: int, m1: bool, capability: tuple[int, int], warps: int, minb: int):
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise RuntimeError("this torch has no torch.cuda._compile_kernel (NVRTC)")
+    return compile_kernel(_SRC, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>",
+                          compute_capability=f"{capability[0]}{capability[1]}",
+                          nvcc_options=options(warps, minb))
+
+
+def _settings(n_out: int, K: int, over: dict) -> dict:
+    """The launch settings for an n_out x K layer, `over` overriding TUNING's."""
+    return {**TUNING["large" if n_out * K >= TUNING["large_from"] else "small"], **over}
+
+
+@functools.cache
+def _available(device_index: int) -> bool:
+    """Whether the kernel compiles and loads on this device (once per device)."""
+    cap = torch.cuda.get_device_capability(device_index)
+    if cap < (8, 0):
+        return False
+    try:
+        with torch.cuda.device(device_index):
+            cfg = TUNING["small"]
+            _kernel(*_variant(1), cap, cfg["warps"], cfg["minb"])
+    except Exception:  # no NVRTC, or it failed: the Triton kernel runs instead
+        return False
+    return True
+
+
+def supported(x: torch.Tensor, packed: torch.Tensor, perm: torch.Tensor, block_size: int) -> bool:
+    """Inputs this kernel takes (see the module docstring)."""
+    K = x.shape[-1]
+    if not (x.is_cuda and x.dtype == torch.float16 and block_size == 128 and K > 0 and K % 32 == 0):
+        return False
+    if x.numel() // K > 16 or not packed.is_contiguous() or packed.data_ptr() % 16:
+        return False
+    if perm.dtype not in (torch.int16, torch.int32) or perm.numel() != K or not perm.is_contiguous():
+        return False
+    return _available(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _counters(device_index: int, stream: int) -> torch.Tensor:
+    """Per-row-range arrival counters of the split-K fix-up, one set per device and stream
+    (kernels on one stream run one after the other); each call leaves them at 0."""
+    return torch.zeros(1 << 16, dtype=torch.int32, device=f"cuda:{device_index}")
+
+
+def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: int | None = None,
+           **over) -> torch.Tensor:
+    """x2 [M, K] fp16 (rows contiguous, M <= 16) -> [M, n_out] fp16; `supported` must hold.
+    `over` overrides TUNING's settings; `splits` fixes the split-K count."""
+    M, K = x2.shape
+    G, NB = packed.shape[0], alpha.shape[1]
+    if alpha.dtype != torch.float16 or mu.dtype != torch.float16 or not (alpha.is_contiguous() and mu.is_contiguous()):
+        raise ValueError("the CUDA kernel takes contiguous fp16 alpha and mu")
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    settings = _settings(n_out, K, over)
+    kern = _kernel(*_variant(M), torch.cuda.get_device_capability(dev), settings["warps"], settings["minb"])
+    tiles = -(-G // (16 * settings["warps"]))
+    if tiles > (1 << 16):
+        raise ValueError(f"layer too tall for the CUDA kernel: {n_out} rows")
+    # shared memory: the activations (XR rows) and the (alpha, mu) pairs of every block the CTA
+    # takes; at most SMEM bytes, which bounds the blocks a CTA takes
+    xr, rows = (1 if M == 1 else 8 * _variant(M)[0]), 80 * settings["warps"]
+    per_cap = max(1, SMEM // (4 * (xr * RS + rows)))
+    splits = max(splits or split_count(tiles, NB, settings["slots"]), -(-NB // per_cap))
+    per = -(-NB // splits)
+    splits = -(-NB // per)
+    smem = 4 * per * (xr * RS + rows)
+    out = torch.empty(M, n_out, device=x2.device, dtype=torch.float16)
+    part = torch.empty(splits, M, n_out, device=x2.device, dtype=torch.float32) if splits > 1 else out
+    counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
+    kern(grid=(tiles, splits, 1), block=(32 * settings["warps"], 1, 1), shared_mem=smem,
+         args=[x2, packed, alpha, mu, perm, bias if bias is not None else alpha, out, part, counters,
+               M, n_out, K, G, NB, x2.stride(0), per, splits, int(perm.dtype == torch.int32),
+               int(bias is not None)])
+    return out

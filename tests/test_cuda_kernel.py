@@ -1,0 +1,180 @@
+"""The CUDA mma kernel (pt2llm/kernels/cuda_ternary.py).
+
+Everywhere: its digit arithmetic, emulated in integers, against pack's lookup table; and, where
+NVRTC is installed (CI installs it: `nvidia-cuda-nvrtc-cu12`), its source compiled for sm_80
+and sm_90 without register spills. On CUDA: against the reference path, and the dispatch."""
+import ctypes
+import glob
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from pt2llm import pack  # noqa: E402
+from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
+from pt2llm.kernels import triton_ternary as tt  # noqa: E402
+
+
+def byte_perm(x: int, y: int, s: int) -> int:
+    """PTX prmt (CUDA __byte_perm), default mode: result byte i is byte (s >> 4 i) & 7 of the
+    eight bytes y:x (x the low four)."""
+    src = x | (y << 32)
+    return sum(((src >> 8 * ((s >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+
+
+def half_bits(h: int) -> float:
+    """The value of the fp16 number with bit pattern h."""
+    return float(np.array([h], dtype=np.uint16).view(np.float16)[0])
+
+
+def test_byte_perm_emulation_follows_the_ptx_selector():
+    assert byte_perm(0x44332211, 0x88776655, 0x3210) == 0x44332211
+    assert byte_perm(0x44332211, 0x88776655, 0x7654) == 0x88776655
+    assert byte_perm(0x00002211, 0, 0x4140) == 0x00220011  # the kernel's byte pair -> halves
+
+
+def test_every_byte_pair_decodes_to_its_digits_through_the_kernels_arithmetic():
+    """The kernel's decode (the digit-decoding comment in cuda_ternary._SRC), step by step in
+    integers: both halves of the pair, for every byte value, give A_i whose fp16 subnormal value
+    times 2^24 is A_i, and the digits come back as A_i - 3 A_(i-1) (A restarted before digit 3)."""
+    src = ct.source()  # the constants emulated here are the kernel's
+    assert "__byte_perm(cur[s], 0, 0x4140)" in src and "__byte_perm(zA0, 0, 0x4341)" in src
+    assert "if (i == 3)" in src and "&= 0x00FF00FFu" in src and "*= 3u" in src
+    lut = pack._ROWS_LUT.long() + 1  # d = code + 1, [256, 5]
+    for q0 in range(256):
+        q1 = 255 - q0
+        word = q0 | (q1 << 8) | (0xAB << 16) | (0xCD << 24)  # the other two bytes must not leak in
+        z = byte_perm(word, 0, 0x4140)
+        a_prev = [0, 0]
+        for i in range(5):
+            if i == 3:
+                z &= 0x00FF00FF
+                a_prev = [0, 0]
+            z = (z * 3) & 0xFFFFFFFF
+            a = byte_perm(z, 0, 0x4341)
+            for half, q in ((0, q0), (1, q1)):
+                bits = (a >> 16 * half) & 0xFFFF
+                A = half_bits(bits) * 2.0 ** 24
+                assert A == bits  # an exact subnormal: the value is the integer A 2^-24
+                assert A - 3 * a_prev[half] == lut[q, i], (q, i)
+                a_prev[half] = A
+
+
+def _nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel or a CUDA install, else None."""
+    roots = []
+    try:
+        import nvidia.cuda_nvrtc as nv  # noqa: F401  (the pip wheel)
+        roots += [str(Path(p) / "lib") for p in nv.__path__]
+    except ImportError:
+        pass
+    roots += [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64")]
+    for root in roots:
+        for lib in sorted(glob.glob(os.path.join(root, "libnvrtc.so*"))):
+            if "builtins" not in lib and "alt" not in lib:
+                return ctypes.CDLL(lib)
+    return None
+
+
+def _cuobjdump():
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return tool if tool.exists() else None
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_source_compiles_without_register_spills(arch, tmp_path):
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("no NVRTC here (pip install nvidia-cuda-nvrtc-cu12)")
+    tool = _cuobjdump()
+    settings = {(s["warps"], s["minb"]) for s in (ct.TUNING["small"], ct.TUNING["large"])}
+    for warps, minb in sorted(settings):
+        for nt, m1 in ((1, True), (1, False), (2, False)):
+            name = f"ternary_mma<{nt}, {'true' if m1 else 'false'}>".encode()
+            prog = ctypes.c_void_p()
+            assert lib.nvrtcCreateProgram(ctypes.byref(prog), ct.source().encode(), b"k.cu", 0, None, None) == 0
+            assert lib.nvrtcAddNameExpression(prog, name) == 0
+            opts = [f"--gpu-architecture=sm_{arch}".encode()] + [o.encode() for o in ct.options(warps, minb)]
+            rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            assert rc == 0, log.value.decode()
+            if tool is None:
+                continue
+            lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+            cubin = ctypes.create_string_buffer(size.value)
+            assert lib.nvrtcGetCUBIN(prog, cubin) == 0
+            f = tmp_path / "k.cubin"
+            f.write_bytes(cubin.raw)
+            usage = subprocess.run([str(tool), "-res-usage", str(f)], capture_output=True, text=True).stdout
+            line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+            # spills cost more than they save; the M > 8 variant at 8 warps is allowed a few
+            if not (nt == 2 and warps == 8):
+                assert "STACK:0 " in line and "LOCAL:0 " in line, (name, warps, minb, line)
+
+
+def test_without_cuda_the_triton_kernels_run():
+    x = torch.randn(1, 256, dtype=torch.float16)
+    packed = torch.zeros(8, 256, dtype=torch.uint8)
+    assert not ct.supported(x, packed, torch.arange(256, dtype=torch.int16), 128)
+    assert not tt.use_mma(x, packed, torch.arange(256, dtype=torch.int16), 128)
+
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _layer(n, k, gen, bias):
+    codes = torch.randint(-1, 2, (n, k), generator=gen)
+    nb = -(-k // 128)
+    perm = torch.randperm(k, generator=gen).to(torch.int16 if k < 32768 else torch.int32)
+    layer = dict(packed=pack.pack_trit_rows(codes), alpha=(torch.rand(n, nb, generator=gen) * 0.02 + 0.005).half(),
+                 mu=(torch.randn(n, nb, generator=gen) * 0.002).half(), perm=perm,
+                 bias=(torch.randn(n, generator=gen) * 0.1).half() if bias else None)
+    ref_w = (layer["alpha"].double().repeat_interleave(128, 1)[:, :k] * codes.double()
+             + layer["mu"].double().repeat_interleave(128, 1)[:, :k])
+    return {key: v.cuda() if v is not None else None for key, v in layer.items()}, ref_w
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(1000, 1408), (576, 576), (4864, 896), (13, 64), (81, 96), (333, 32800)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float64_reference(n, k, bias):
+    gen = torch.Generator().manual_seed(n * k)
+    L, w = _layer(n, k, gen, bias)
+    for m in (1, 2, 7, 8, 9, 16):
+        x = torch.randn(m, k, generator=gen).half() + (3.0 if bias else 0.0)  # a large mean: cancellation
+        ref = x.double()[:, L["perm"].long().cpu()] @ w.T + (L["bias"].double().cpu() if bias else 0)
+        for splits in (None, 1, 3):
+            y = ct.matmul(x.cuda(), **L, n_out=n, splits=splits)
+            assert y.dtype == torch.float16 and y.shape == (m, n)
+            err = float((y.double().cpu() - ref).norm() / ref.norm())
+            assert err < 1e-3, (m, splits, err)
+            assert torch.equal(y, ct.matmul(x.cuda(), **L, n_out=n, splits=splits))  # split order fixed
+
+
+@needs_cuda
+def test_dispatch(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    L, _ = _layer(300, 512, gen, True)
+    x = torch.randn(4, 512).half().cuda()
+    assert tt.use_mma(x, L["packed"], L["perm"], 128)
+    assert not tt.use_mma(torch.randn(9, 512).half().cuda(), L["packed"], L["perm"], 128)  # fused beyond 8 rows
+    assert not tt.use_mma(x.bfloat16(), L["packed"], L["perm"], 128)  # bf16: fused
+    assert not tt.use_mma(x[:, :500].contiguous(), L["packed"][:, :500].contiguous(), L["perm"][:500], 128)
+    monkeypatch.setenv("PT2LLM_CUDA_KERNEL", "0")
+    assert not tt.use_mma(x, L["packed"], L["perm"], 128)
+    monkeypatch.delenv("PT2LLM_CUDA_KERNEL")
+    y = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300, 128)
+    y_fused = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300, 128, path="fused")
+    assert float((y.float() - y_fused.float()).norm() / y_fused.float().norm()) < 1e-3
