@@ -90,8 +90,29 @@ def _cuobjdump():
     return tool if tool.exists() else None
 
 
+def _compile(lib, name: str, arch: str, options: list[str]) -> bytes:
+    """The cubin NVRTC makes of the kernel source for `name` (asserting it compiles)."""
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), ct.source().encode(), b"k.cu", 0, None, None) == 0
+    assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
+    opts = [f"--gpu-architecture=sm_{arch}".encode()] + [o.encode() for o in options]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    assert lib.nvrtcGetCUBIN(prog, cubin) == 0
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return cubin.raw
+
+
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_source_compiles_without_register_spills(arch, tmp_path):
+    """Every variant the package launches compiles; none spills registers (a spill costs more
+    than it saves), except the M > 8 variant at 8 warps, which the defaults never build."""
     lib = _nvrtc()
     if lib is None:
         pytest.skip("no NVRTC here (pip install nvidia-cuda-nvrtc-cu12)")
@@ -99,29 +120,16 @@ def test_source_compiles_without_register_spills(arch, tmp_path):
     settings = {(s["warps"], s["minb"]) for s in (ct.TUNING["small"], ct.TUNING["large"])}
     for warps, minb in sorted(settings):
         for nt, m1 in ((1, True), (1, False), (2, False)):
-            name = f"ternary_mma<{nt}, {'true' if m1 else 'false'}>".encode()
-            prog = ctypes.c_void_p()
-            assert lib.nvrtcCreateProgram(ctypes.byref(prog), ct.source().encode(), b"k.cu", 0, None, None) == 0
-            assert lib.nvrtcAddNameExpression(prog, name) == 0
-            opts = [f"--gpu-architecture=sm_{arch}".encode()] + [o.encode() for o in ct.options(warps, minb)]
-            rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            assert rc == 0, log.value.decode()
-            if tool is None:
+            cubin = _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch, ct.options(warps, minb))
+            if tool is None or (nt == 2 and warps == 8):
                 continue
-            lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-            cubin = ctypes.create_string_buffer(size.value)
-            assert lib.nvrtcGetCUBIN(prog, cubin) == 0
             f = tmp_path / "k.cubin"
-            f.write_bytes(cubin.raw)
+            f.write_bytes(cubin)
             usage = subprocess.run([str(tool), "-res-usage", str(f)], capture_output=True, text=True).stdout
-            line = next(ln for ln in usage.splitlines() if "REG:" in ln)
-            # spills cost more than they save; the M > 8 variant at 8 warps is allowed a few
-            if not (nt == 2 and warps == 8):
-                assert "STACK:0 " in line and "LOCAL:0 " in line, (name, warps, minb, line)
+            lines = [ln for ln in usage.splitlines() if "REG:" in ln]
+            assert len(lines) == 2  # the instantiated ternary_mma and dequant_original
+            for line in lines:
+                assert "STACK:0 " in line and "LOCAL:0 " in line, (nt, m1, warps, minb, line)
 
 
 def test_without_cuda_the_triton_kernels_run():
@@ -178,3 +186,18 @@ def test_dispatch(monkeypatch):
     y = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300, 128)
     y_fused = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300, 128, path="fused")
     assert float((y.float() - y_fused.float()).norm() / y_fused.float().norm()) < 1e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(1000, 1408), (576, 576), (4864, 896), (13, 64), (81, 96), (333, 32800), (7, 28672)])
+def test_dequantize_original_is_bit_identical_to_the_triton_kernel(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    L, w = _layer(n, k, gen, False)
+    for inv in (tt.inverse_perm(L["perm"]), tt.inverse_perm(L["perm"]).to(torch.int16) if k < 32768 else None):
+        if inv is None:
+            continue
+        assert ct.dequant_supported(L["packed"], L["alpha"], inv, 128, torch.float16)
+        got = ct.dequantize_original(L["packed"], L["alpha"], L["mu"], inv, n)
+        want = tt.dequantize_original(L["packed"], L["alpha"], L["mu"], inv, n, 128, torch.float16)
+        assert torch.equal(got, want)
+        assert torch.equal(got.cpu()[:, L["perm"].long().cpu()], w.half())  # stored order: the reference weight

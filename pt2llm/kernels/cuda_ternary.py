@@ -1,4 +1,6 @@
-"""A CUDA kernel for TernaryLinear at small M (decode), compiled at run time with NVRTC.
+"""CUDA kernels for TernaryLinear, compiled at run time with NVRTC: the product at small M
+(decode, `matmul`), and the dequantize that prefill uses on wide layers (`dequantize_original`,
+see its comment in the source).
 
 y[m, n] = bias[n] + sum over blocks b of  alpha[n, b] * sum_{k in b} code[n, k] x[m, perm[k]]
                                         +    mu[n, b] * sum_{k in b} x[m, perm[k]]
@@ -269,6 +271,63 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next call
 }
+
+// Dequantize in the ORIGINAL column order, for prefill (y = x W^T by cuBLAS on x as it is):
+// W[n, c] = alpha[n, b] code[n, s] + mu[n, b] with s = inv[c] the stored column, b = s / 128.
+// A CTA takes R packed rows (5 R weight rows) and every column: it stages their bytes and
+// their rows' (alpha, mu) pairs in shared memory, then each thread writes two neighbouring
+// columns of each row (one 4-byte store), reading bytes and pairs at the stored positions.
+// The value is one fp16 fma of exact inputs, so it is bit for bit alpha code + mu rounded
+// once, as the Triton kernels and the reference give.
+__global__ void __launch_bounds__(256) dequant_original(
+    const u8* __restrict__ packed, const u16* __restrict__ alpha, const u16* __restrict__ mu,
+    const void* __restrict__ inv, int inv32, u32* __restrict__ w, int N, int K, int G, int NB, int R) {
+  extern __shared__ __align__(16) u32 smem[];
+  u8* rows = (u8*)smem;                    // [R][K] bytes (K a multiple of 32)
+  u32* am = smem + R * K / 4;              // [5 R][NB]: alpha | mu << 16
+  const int g0 = blockIdx.x * R;
+  for (int idx = threadIdx.x; idx < R * K / 16; idx += 256) {
+    const int r = idx / (K / 16), j = idx - r * (K / 16);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (g0 + r < G) v = *(const uint4*)(packed + (long long)(g0 + r) * K + 16 * j);
+    *(uint4*)(rows + r * K + 16 * j) = v;
+  }
+  for (int idx = threadIdx.x; idx < 5 * R * NB; idx += 256) {
+    const int i = idx / NB, b = idx - i * NB;
+    const long long at = (long long)min(5 * g0 + i, N - 1) * NB + b;
+    am[idx] = (u32)alpha[at] | ((u32)mu[at] << 16);
+  }
+  __syncthreads();
+  for (int c = 2 * threadIdx.x; c < K; c += 512) {
+    int s0, s1;
+    if (inv32) { s0 = ((const int*)inv)[c]; s1 = ((const int*)inv)[c + 1]; }
+    else {  // two int16 entries in one load
+      const u32 two = *(const u32*)((const short*)inv + c);
+      s0 = (int)(short)(two & 0xFFFF);
+      s1 = (int)(short)(two >> 16);
+    }
+    const int bk0 = s0 >> 7, bk1 = s1 >> 7;
+    for (int r = 0; r < R; ++r) {
+      u32 y = (u32)rows[r * K + s0] | ((u32)rows[r * K + s1] << 16);  // digit 0's state, both columns
+      #pragma unroll
+      for (int i = 0; i < 5; ++i) {
+        const u32 z = y * 3u;
+        y = z & 0x00FF00FFu;
+        const int n = 5 * (g0 + r) + i;
+        if (n >= N) break;
+        // code + 1 in each half, as the fp16 number 1024 + d, minus 1025: the code, exact
+        const u32 dh = ((z >> 8) & 0x00030003u) | 0x64006400u;
+        u32 code;
+        asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(code) : "r"(dh), "r"(0x64016401u));
+        const u32 p0 = am[(5 * r + i) * NB + bk0], p1 = am[(5 * r + i) * NB + bk1];
+        const u32 a2 = __byte_perm(p0, p1, 0x5410), m2 = __byte_perm(p0, p1, 0x7632);
+        u32 v;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(v) : "r"(a2), "r"(code), "r"(m2));
+        w[((long long)n * K + c) >> 1] = v;
+      }
+    }
+  }
+}
 """
 
 
@@ -374,3 +433,54 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
                M, n_out, K, G, NB, x2.stride(0), per, splits, int(perm.dtype == torch.int32),
                int(bias is not None)])
     return out
+
+
+@functools.cache
+def _dequant_kernel(capability: tuple[int, int]):
+    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
+    if compile_kernel is None:
+        raise RuntimeError("this torch has no torch.cuda._compile_kernel (NVRTC)")
+    return compile_kernel(_SRC, "dequant_original", compute_capability=f"{capability[0]}{capability[1]}",
+                          nvcc_options=options(4, 3))
+
+
+def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch.Tensor, block_size: int,
+                      dtype: torch.dtype) -> bool:
+    """Whether `dequantize_original` takes these buffers: fp16 out, block size 128, K a multiple
+    of 32 with at least one packed row's bytes and (alpha, mu) pairs fitting in SMEM, int16 or
+    int32 inv_perm, on a GPU where the kernel compiles."""
+    G, K = packed.shape
+    NB = alpha.shape[1]
+    if not (packed.is_cuda and dtype == torch.float16 and block_size == 128 and K > 0 and K % 32 == 0):
+        return False
+    if K + 20 * NB > SMEM or not packed.is_contiguous() or packed.data_ptr() % 16:
+        return False
+    if (inv_perm.dtype not in (torch.int16, torch.int32) or inv_perm.numel() != K or not inv_perm.is_contiguous()
+            or inv_perm.data_ptr() % 4):
+        return False
+    if alpha.dtype != torch.float16 or not alpha.is_contiguous():
+        return False
+    dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
+    if not _available(dev):
+        return False
+    try:
+        _dequant_kernel(torch.cuda.get_device_capability(dev))
+    except Exception:
+        return False
+    return True
+
+
+def dequantize_original(packed, alpha, mu, inv_perm, n_out: int) -> torch.Tensor:
+    """alpha * code + mu as fp16 [n_out, K], columns in the ORIGINAL order (column c is stored
+    column inv_perm[c]); `dequant_supported` must hold."""
+    G, K = packed.shape
+    NB = alpha.shape[1]
+    R = 1
+    while R < 8 and 2 * R * (K + 20 * NB) <= SMEM and 2 * R <= G:
+        R *= 2
+    dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
+    w = torch.empty(n_out, K, device=packed.device, dtype=torch.float16)
+    _dequant_kernel(torch.cuda.get_device_capability(dev))(
+        grid=(-(-G // R), 1, 1), block=(256, 1, 1), shared_mem=R * (K + 20 * NB),
+        args=[packed, alpha, mu, inv_perm, int(inv_perm.dtype == torch.int32), w, n_out, K, G, NB, R])
+    return w

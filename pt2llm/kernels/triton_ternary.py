@@ -30,7 +30,8 @@ For large M (`prefill`) the weight is dequantized to a scratch tensor and one cu
 matmul follows (docs/results/kernels.md). Two dequantize kernels:
 - `dequantize`: columns in stored order; a program takes BLOCK_G packed rows and one block,
   so alpha and mu are one value per weight row.
-- `dequantize_original` (what prefill uses): columns in the ORIGINAL order, w[:, c] =
+- `dequantize_original` (what prefill uses up to 8192 columns; wider, the CUDA kernel
+  cuda_ternary.dequantize_original where it runs): columns in the ORIGINAL order, w[:, c] =
   stored column inv_perm[c], so that prefill needs no gather of the activations (torch's
   x[:, perm] took 31 / 143 / 92 us at M = 2048, K = 4096 / 11008 / 8192: up to 60% of the
   fp16 matmul). A program takes one packed row (5 weight rows) and walks all columns,
@@ -248,7 +249,7 @@ TUNING = {"fused": dict(block_g=64, warps=4, stages=2, programs=264, gather_from
                         gather_from_weights=1 << 25, gathered_stages=3),
           "dequant": dict(block_g=8, warps=2),
           "dequant_original": dict(block_c=1024, warps=8),
-          "prefill_from_m": 17, "mma_max_m": 8}
+          "prefill_from_m": 17, "mma_max_m": 8, "cuda_dequant_from_k": 8193}
 
 
 def update_tuning(settings: dict) -> None:
@@ -344,8 +345,8 @@ def dequantize_original(packed, alpha, mu, inv_perm, n_out: int, block_size: int
 
 
 def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
-    """inv_perm with inv_perm[perm[k]] = k (int64), what prefill and linear take."""
-    return torch.argsort(perm)
+    """inv_perm with inv_perm[perm[k]] = k (int32), what prefill and linear take."""
+    return torch.argsort(perm).to(torch.int32)
 
 
 def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int, inv_perm=None) -> torch.Tensor:
@@ -353,12 +354,29 @@ def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int, inv_
     x2 as it is. inv_perm: the inverse of perm (see inverse_perm), computed here if None."""
     if perm.numel() and x2.shape[1] <= MAX_ORIGINAL_K:
         inv = inverse_perm(perm) if inv_perm is None else inv_perm
-        w = dequantize_original(packed, alpha, mu, inv, n_out, block_size, x2.dtype)
+        if use_cuda_dequant(packed, alpha, inv, block_size, x2.dtype):
+            from . import cuda_ternary
+            w = cuda_ternary.dequantize_original(packed, alpha, mu, inv, n_out)
+        else:
+            w = dequantize_original(packed, alpha, mu, inv, n_out, block_size, x2.dtype)
     else:  # stored order, and the activations gathered to match (no perm: nothing to gather)
         w = dequantize(packed, alpha, mu, n_out, block_size, x2.dtype)
         if perm.numel():
             x2 = x2.index_select(1, perm.to(torch.long))
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+
+
+def use_cuda_dequant(packed, alpha, inv_perm, block_size: int, dtype) -> bool:
+    """Whether prefill dequantizes with the CUDA kernel (cuda_ternary.dequantize_original):
+    from TUNING["cuda_dequant_from_k"] columns on, where it measured faster than the Triton
+    kernel, which holds a whole packed row in registers (H100, 2026-11-23, M = 128: 4096x11008
+    90 against 100 us, 8192x28672 412 against 508; at K = 4096 and 8192 it was 0-10 % slower;
+    docs/results/mma-kernel),
+    unless PT2LLM_CUDA_KERNEL=0."""
+    if packed.shape[1] < TUNING["cuda_dequant_from_k"] or os.environ.get("PT2LLM_CUDA_KERNEL", "1") == "0":
+        return False
+    from . import cuda_ternary
+    return cuda_ternary.dequant_supported(packed, alpha, inv_perm, block_size, dtype)
 
 
 def use_mma(x2: torch.Tensor, packed, perm, block_size: int) -> bool:
