@@ -46,5 +46,5 @@ def diagnostics():
 if __name__ == "__main__":
     print("M = 1, microseconds (best launch setting of each run; speedup over that run's fp16)\n")
     versions(1)
-    print("\nRun 5: parts of the run-3 kernel switched off (M = 1, microseconds)\n")
+    print("\nRun 5: parts of the run-4 kernel switched off (M = 1, microseconds)\n")
     diagnostics()
