@@ -367,12 +367,11 @@ def prefill(x2, packed, alpha, mu, perm, bias, n_out: int, block_size: int, inv_
 
 
 def use_cuda_dequant(packed, alpha, inv_perm, block_size: int, dtype) -> bool:
-    """Whether prefill dequantizes with the CUDA kernel (cuda_ternary.dequantize_original):
-    from TUNING["cuda_dequant_from_k"] columns on, where it measured faster than the Triton
-    kernel, which holds a whole packed row in registers (H100, 2026-11-23, M = 128: 4096x11008
-    90 against 100 us, 8192x28672 412 against 508; at K = 4096 and 8192 it was 0-10 % slower;
-    docs/results/mma-kernel),
-    unless PT2LLM_CUDA_KERNEL=0."""
+    """Whether prefill dequantizes with the CUDA kernel (cuda_ternary.dequantize_original),
+    unless PT2LLM_CUDA_KERNEL=0: from TUNING["cuda_dequant_from_k"] columns on, where it
+    measured faster than the Triton kernel, which holds a whole packed row in registers (H100,
+    2026-11-23, M = 128: 4096x11008 90 against 100 us, 8192x28672 412 against 508; at K = 4096
+    and 8192 it was 0-10 % slower; docs/results/mma-kernel)."""
     if packed.shape[1] < TUNING["cuda_dequant_from_k"] or os.environ.get("PT2LLM_CUDA_KERNEL", "1") == "0":
         return False
     from . import cuda_ternary
