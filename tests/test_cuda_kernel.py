@@ -68,6 +68,13 @@ def test_every_byte_pair_decodes_to_its_digits_through_the_kernels_arithmetic():
                 a_prev[half] = A
 
 
+def test_python_sizes_the_shared_memory_the_kernel_lays_out():
+    """matmul computes the dynamic shared memory from RS and 80 rows a warp: the kernel's."""
+    src = ct.source()
+    assert f"#define RS {ct.RS} " in src and "#define ROWS (WARPS * 80)" in src
+    assert "u32* am = smem + XR * per_split * RS;" in src
+
+
 def _nvrtc():
     """libnvrtc from the nvidia-cuda-nvrtc wheel or a CUDA install, else None."""
     roots = []
