@@ -146,6 +146,24 @@ def test_without_cuda_the_triton_kernels_run():
     assert not tt.use_mma(x, packed, torch.arange(256, dtype=torch.int16), 128)
 
 
+def test_dispatch_rules(monkeypatch):
+    """Where the CUDA kernels would take the inputs, linear uses the mma kernel up to
+    TUNING["mma_max_m"] rows and prefill the CUDA dequantize from TUNING["cuda_dequant_from_k"]
+    columns on; PT2LLM_CUDA_KERNEL=0 turns both off."""
+    monkeypatch.setattr(ct, "supported", lambda *a: True)
+    monkeypatch.setattr(ct, "dequant_supported", lambda *a: True)
+    perm = torch.arange(64, dtype=torch.int16)
+    for m in (1, 8, 9, 16):
+        assert tt.use_mma(torch.zeros(m, 64), torch.zeros(13, 64, dtype=torch.uint8), perm, 128) == (m <= 8)
+    alpha = torch.zeros(5, 70, dtype=torch.float16)
+    for k in (4096, 8192, 8193, 28672):
+        packed = torch.zeros(1, k, dtype=torch.uint8)
+        assert tt.use_cuda_dequant(packed, alpha, perm, 128, torch.float16) == (k > 8192)
+    monkeypatch.setenv("PT2LLM_CUDA_KERNEL", "0")
+    assert not tt.use_mma(torch.zeros(1, 64), torch.zeros(13, 64, dtype=torch.uint8), perm, 128)
+    assert not tt.use_cuda_dequant(torch.zeros(1, 28672, dtype=torch.uint8), alpha, perm, 128, torch.float16)
+
+
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
