@@ -399,7 +399,9 @@ def supported(x: torch.Tensor, packed: torch.Tensor, perm: torch.Tensor, block_s
 @functools.cache
 def _counters(device_index: int, stream: int) -> torch.Tensor:
     """Per-row-range arrival counters of the split-K fix-up, one set per device and stream
-    (kernels on one stream run one after the other); each call leaves them at 0."""
+    (kernels on one stream run one after the other); each call leaves them at 0. When the
+    first use is inside a CUDA-graph capture they come from the graph's memory pool, and the
+    captured memset zeroes them again at every replay."""
     return torch.zeros(1 << 16, dtype=torch.int32, device=f"cuda:{device_index}")
 
 
