@@ -83,9 +83,13 @@ def main():
     r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
     rows.append({"model": f"ternary ({n} TernaryLinear)", **r})
     print(rows[-1], flush=True)
+    before = os.environ.get("PT2LLM_CUDA_KERNEL")
     os.environ["PT2LLM_CUDA_KERNEL"] = "0"  # the same model on the Triton kernels alone
     r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
-    del os.environ["PT2LLM_CUDA_KERNEL"]
+    if before is None:
+        del os.environ["PT2LLM_CUDA_KERNEL"]
+    else:
+        os.environ["PT2LLM_CUDA_KERNEL"] = before
     rows.append({"model": "ternary, Triton kernels only (PT2LLM_CUDA_KERNEL=0)", **r})
     print(rows[-1], flush=True)
     for row in rows:

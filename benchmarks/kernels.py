@@ -120,8 +120,7 @@ def run(args):
                 err = check(L, x, y)
                 assert err < 2e-3, (n, k, m, p, err)
                 paths[p] = graph_us(lambda **c: tt.linear(x, **c, path=p), L)
-            used = ("mma" if tt.use_mma(x, L["packed"], L["perm"], 128)  # what linear() runs
-                    else "fused" if m < tt.TUNING["prefill_from_m"] else "prefill")
+            used = tt.default_path(x, L["packed"], L["perm"], 128)  # what linear() runs
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
             fp16_share = (2 * n * k + 2 * m * k + 2 * m * n) / (fp16_us * 1e-6) / bw

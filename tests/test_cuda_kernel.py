@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from pt2llm import pack  # noqa: E402
 from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
 from pt2llm.kernels import triton_ternary as tt  # noqa: E402
+from pt2llm.nn import TernaryLinear  # noqa: E402
 
 
 def byte_perm(x: int, y: int, s: int) -> int:
@@ -168,15 +169,16 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def _layer(n, k, gen, bias):
-    codes = torch.randint(-1, 2, (n, k), generator=gen)
-    nb = -(-k // 128)
-    perm = torch.randperm(k, generator=gen).to(torch.int16 if k < 32768 else torch.int32)
-    layer = dict(packed=pack.pack_trit_rows(codes), alpha=(torch.rand(n, nb, generator=gen) * 0.02 + 0.005).half(),
-                 mu=(torch.randn(n, nb, generator=gen) * 0.002).half(), perm=perm,
-                 bias=(torch.randn(n, generator=gen) * 0.1).half() if bias else None)
-    ref_w = (layer["alpha"].double().repeat_interleave(128, 1)[:, :k] * codes.double()
-             + layer["mu"].double().repeat_interleave(128, 1)[:, :k])
-    return {key: v.cuda() if v is not None else None for key, v in layer.items()}, ref_w
+    """A random TernaryLinear's buffers on CUDA, and its weight in stored column order (float64)."""
+    mod = TernaryLinear(k, n, bias)
+    mod.packed.copy_(pack.pack_trit_rows(torch.randint(-1, 2, (n, k), generator=gen)))
+    mod.alpha.copy_(torch.rand(mod.alpha.shape, generator=gen) * 0.02 + 0.005)
+    mod.mu.copy_(torch.randn(mod.mu.shape, generator=gen) * 0.002)
+    mod.perm.copy_(torch.randperm(k, generator=gen).to(mod.perm.dtype))
+    if bias:
+        mod.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    layer = {key: getattr(mod, key) for key in ("packed", "alpha", "mu", "perm", "bias")}
+    return {key: v.cuda() if v is not None else None for key, v in layer.items()}, mod.weight_permuted(torch.float64)
 
 
 @needs_cuda

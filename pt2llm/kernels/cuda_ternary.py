@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(256) dequant_original(
 
 
 def source() -> str:
-    """The kernel's CUDA source (compiled by `_kernel`)."""
+    """The kernels' CUDA source (compiled by `_compile`)."""
     return _SRC
 
 
@@ -354,14 +354,28 @@ def options(warps: int, minb: int) -> list[str]:
     return ["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"]
 
 
+def _device(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
-def _kernel(nt: int, m1: bool, capability: tuple[int, int], warps: int, minb: int):
+def _compile(name: str, capability: tuple[int, int], opts: tuple[str, ...]):
+    """Kernel `name` of the source (a template instance or dequant_original), compiled once."""
     compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
     if compile_kernel is None:
         raise RuntimeError("this torch has no torch.cuda._compile_kernel (NVRTC)")
-    return compile_kernel(_SRC, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>",
-                          compute_capability=f"{capability[0]}{capability[1]}",
-                          nvcc_options=options(warps, minb))
+    return compile_kernel(_SRC, name, compute_capability=f"{capability[0]}{capability[1]}",
+                          nvcc_options=list(opts))
+
+
+def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int):
+    """The mma kernel that takes M = m rows, with these launch settings."""
+    nt, m1 = _variant(m)
+    return _compile(f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", capability, tuple(options(warps, minb)))
+
+
+def _dequant_kernel(capability: tuple[int, int]):
+    return _compile("dequant_original", capability, ("-std=c++17",))
 
 
 def _settings(n_out: int, K: int, over: dict) -> dict:
@@ -370,15 +384,18 @@ def _settings(n_out: int, K: int, over: dict) -> dict:
 
 
 @functools.cache
-def _available(device_index: int) -> bool:
-    """Whether the kernel compiles and loads on this device (once per device)."""
+def _available(device_index: int, dequant: bool = False) -> bool:
+    """Whether the mma kernel (or the dequantize kernel) compiles and loads on this device
+    (once per device)."""
     cap = torch.cuda.get_device_capability(device_index)
     if cap < (8, 0):
         return False
     try:
         with torch.cuda.device(device_index):
-            cfg = TUNING["small"]
-            _kernel(*_variant(1), cap, cfg["warps"], cfg["minb"])
+            if dequant:
+                _dequant_kernel(cap)
+            else:
+                _kernel(1, cap, TUNING["small"]["warps"], TUNING["small"]["minb"])
     except Exception:  # no NVRTC, or it failed: the Triton kernel runs instead
         return False
     return True
@@ -393,7 +410,7 @@ def supported(x: torch.Tensor, packed: torch.Tensor, perm: torch.Tensor, block_s
         return False
     if perm.dtype not in (torch.int16, torch.int32) or perm.numel() != K or not perm.is_contiguous():
         return False
-    return _available(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _available(_device(x))
 
 
 @functools.cache
@@ -413,15 +430,16 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
     G, NB = packed.shape[0], alpha.shape[1]
     if alpha.dtype != torch.float16 or mu.dtype != torch.float16 or not (alpha.is_contiguous() and mu.is_contiguous()):
         raise ValueError("the CUDA kernel takes contiguous fp16 alpha and mu")
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    dev = _device(x2)
     settings = _settings(n_out, K, over)
-    kern = _kernel(*_variant(M), torch.cuda.get_device_capability(dev), settings["warps"], settings["minb"])
+    kern = _kernel(M, torch.cuda.get_device_capability(dev), settings["warps"], settings["minb"])
     tiles = -(-G // (16 * settings["warps"]))
     if tiles > (1 << 16):
         raise ValueError(f"layer too tall for the CUDA kernel: {n_out} rows")
     # shared memory: the activations (XR rows) and the (alpha, mu) pairs of every block the CTA
     # takes; at most SMEM bytes, which bounds the blocks a CTA takes
-    xr, rows = (1 if M == 1 else 8 * _variant(M)[0]), 80 * settings["warps"]
+    nt, m1 = _variant(M)
+    xr, rows = (1 if m1 else 8 * nt), 80 * settings["warps"]
     per_cap = max(1, SMEM // (4 * (xr * RS + rows)))
     splits = max(splits or split_count(tiles, NB, settings["slots"]), -(-NB // per_cap))
     per = -(-NB // splits)
@@ -435,15 +453,6 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
                M, n_out, K, G, NB, x2.stride(0), per, splits, int(perm.dtype == torch.int32),
                int(bias is not None)])
     return out
-
-
-@functools.cache
-def _dequant_kernel(capability: tuple[int, int]):
-    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
-    if compile_kernel is None:
-        raise RuntimeError("this torch has no torch.cuda._compile_kernel (NVRTC)")
-    return compile_kernel(_SRC, "dequant_original", compute_capability=f"{capability[0]}{capability[1]}",
-                          nvcc_options=options(4, 3))
 
 
 def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch.Tensor, block_size: int,
@@ -462,14 +471,7 @@ def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch
         return False
     if alpha.dtype != torch.float16 or not alpha.is_contiguous():
         return False
-    dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
-    if not _available(dev):
-        return False
-    try:
-        _dequant_kernel(torch.cuda.get_device_capability(dev))
-    except Exception:
-        return False
-    return True
+    return _available(_device(packed), dequant=True)
 
 
 def dequantize_original(packed, alpha, mu, inv_perm, n_out: int) -> torch.Tensor:
@@ -480,9 +482,8 @@ def dequantize_original(packed, alpha, mu, inv_perm, n_out: int) -> torch.Tensor
     R = 1
     while R < 8 and 2 * R * (K + 20 * NB) <= SMEM and 2 * R <= G:
         R *= 2
-    dev = packed.device.index if packed.device.index is not None else torch.cuda.current_device()
     w = torch.empty(n_out, K, device=packed.device, dtype=torch.float16)
-    _dequant_kernel(torch.cuda.get_device_capability(dev))(
+    _dequant_kernel(torch.cuda.get_device_capability(_device(packed)))(
         grid=(-(-G // R), 1, 1), block=(256, 1, 1), shared_mem=R * (K + 20 * NB),
         args=[packed, alpha, mu, inv_perm, int(inv_perm.dtype == torch.int32), w, n_out, K, G, NB, R])
     return w

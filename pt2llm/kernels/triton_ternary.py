@@ -388,22 +388,25 @@ def use_mma(x2: torch.Tensor, packed, perm, block_size: int) -> bool:
     return cuda_ternary.supported(x2, packed, perm, block_size)
 
 
+def default_path(x2: torch.Tensor, packed, perm, block_size: int) -> str:
+    """The path `linear` takes for rows x2 [M, K]: "mma" up to TUNING["mma_max_m"] rows where
+    it is available (use_mma), else "fused" below TUNING["prefill_from_m"] rows, else "prefill"."""
+    if use_mma(x2, packed, perm, block_size):
+        return "mma"
+    return "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
+
+
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
-    path: "mma" (the CUDA kernel, cuda_ternary), "fused" or "prefill"; by default mma up to
-    TUNING["mma_max_m"] rows where it is available (use_mma), else fused below
-    TUNING["prefill_from_m"] rows, else prefill.
+    path: "mma" (the CUDA kernel, cuda_ternary), "fused" or "prefill"; by default_path.
     inv_perm: perm's inverse (inverse_perm(perm)), for prefill; computed there when None."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if path is None:
-        if use_mma(x2, packed, perm, block_size):
-            path = "mma"
-        else:
-            path = "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
+        path = default_path(x2, packed, perm, block_size)
     bias = None if bias is None else bias.to(x.dtype)
     if path == "mma":
         from . import cuda_ternary
