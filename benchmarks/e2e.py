@@ -3,7 +3,7 @@ weights) in fp16, then with every decoder linear ternary, through the same timin
 `pt2llm bench` (pt2llm.speed.measure), and the ternary model once more with the CUDA mma
 kernel switched off (PT2LLM_CUDA_KERNEL=0: decode on the Triton kernel).
 
-    PYTHONPATH=$PWD python3 benchmarks/e2e.py --out docs/results     # e2e.json, e2e.md
+    PYTHONPATH=$PWD python3 benchmarks/e2e.py --compile --out docs/results     # e2e.json, e2e.md
 
 The ternary layers are built directly from random codes on the GPU (alpha, mu and the
 column order random too): quantizing 6.5 billion weights with `--method rtn` goes
@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 for the 7B shape)")
     ap.add_argument("--tuning", type=Path, help="kernel launch settings found by benchmarks/kernels.py --sweep")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time fp16 and ternary with the decode step through torch.compile")
     args = ap.parse_args()
     if args.tuning:
         from pt2llm.kernels import triton_ternary
@@ -75,14 +77,22 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     torch.manual_seed(0)
     rows = []
+
+    def timed(name, model, compile=False):
+        if compile:
+            torch._dynamo.reset()  # a fresh compile for this model
+        r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch, compile=compile)
+        rows.append({"model": name, **r})
+        print(rows[-1], flush=True)
+
     model = fp16_model(args.layers)
-    r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
-    rows.append({"model": "fp16", **r})
-    print(rows[-1], flush=True)
+    timed("fp16", model)
+    if args.compile:
+        timed("fp16, torch.compile", model, compile=True)
     n = ternarize(model, gen)
-    r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
-    rows.append({"model": f"ternary ({n} TernaryLinear)", **r})
-    print(rows[-1], flush=True)
+    timed(f"ternary ({n} TernaryLinear)", model)
+    if args.compile:
+        timed("ternary, torch.compile", model, compile=True)
     before = os.environ.get("PT2LLM_CUDA_KERNEL")
     os.environ["PT2LLM_CUDA_KERNEL"] = "0"  # the same model on the Triton kernels alone
     r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
@@ -94,10 +104,16 @@ def main():
     print(rows[-1], flush=True)
     for row in rows:
         row["date"] = date
-    f16, tern, _ = rows
+    by = {r["model"]: r for r in rows}
+    f16, tern = by["fp16"], by[f"ternary ({n} TernaryLinear)"]
     summary = {"decode_speedup": round(tern["decode_tokens_per_s"] / f16["decode_tokens_per_s"], 2),
                "prefill_speedup": round(tern["prefill_tokens_per_s"] / f16["prefill_tokens_per_s"], 2),
                "memory_ratio": round(f16["model_gb"] / tern["model_gb"], 2)}
+    if args.compile:  # both compiled, and the best of each
+        f16c, ternc = by["fp16, torch.compile"], by["ternary, torch.compile"]
+        summary["decode_speedup_compiled"] = round(ternc["decode_tokens_per_s"] / f16c["decode_tokens_per_s"], 2)
+        best = lambda *rs: max(r["decode_tokens_per_s"] for r in rs)  # noqa: E731
+        summary["decode_speedup_best"] = round(best(tern, ternc) / best(f16, f16c), 2)
     print(summary)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +122,8 @@ def main():
         lines = [f"# End to end: {shape}, random weights", "",
                  f"{f16['device']}, {date}. Batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} "
                  f"new tokens (greedy, static KV cache, one decode step replayed as a CUDA graph). "
-                 f"Regenerate: `PYTHONPATH=$PWD python3 benchmarks/e2e.py --out docs/results`; for a model "
-                 f"folder: `pt2llm bench DIR`.", "",
+                 f"Regenerate: `PYTHONPATH=$PWD python3 benchmarks/e2e.py --compile --out docs/results`; for a "
+                 f"model folder: `pt2llm bench DIR [--compile]`.", "",
                  "The ternary model's decoder linears are TernaryLinear modules built from random codes on the "
                  "GPU (not run through `pt2llm quantize --method rtn`, which takes longer than a device call "
                  "for 6.5 B weights; the values do not change the speed). Model memory = parameters and "
@@ -119,6 +135,10 @@ def main():
                          f"{r['decode_ms_per_token']:.2f} | {r['model_gb']:.2f} | {r['model_gib']:.2f} | {r['peak_gib']:.2f} |")
         lines += ["", f"Decode: {summary['decode_speedup']}x fp16; prefill: {summary['prefill_speedup']}x; "
                       f"memory: fp16 / ternary = {summary['memory_ratio']}x."]
+        if args.compile:
+            lines += ["", f"With the decode step through torch.compile (both models): decode "
+                          f"{summary['decode_speedup_compiled']}x fp16; the faster row of each: "
+                          f"{summary['decode_speedup_best']}x."]
         (args.out / "e2e.md").write_text("\n".join(lines) + "\n")
 
 

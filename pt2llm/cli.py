@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=_positive("--new-tokens"), default=256, help="tokens to decode (default 256)")
     b.add_argument("--batch", type=_positive("--batch"), default=1, help="sequences at once (default 1)")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly, without a CUDA graph")
+    b.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile first (fuses the small kernels between "
+                        "the linears; compiling takes a minute or more)")
     b.add_argument("--device", default=None, help="cuda | cuda:N (default: cuda)")
     b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")

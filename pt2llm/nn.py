@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import kernels, pack
+from .kernels import ops
 
 
 def perm_dtype(in_features: int) -> torch.dtype:
@@ -119,6 +120,9 @@ class TernaryLinear(nn.Module):
         if self.input_transform is not None:  # online Hadamard (rotated models): x Q, weight stored as W Q
             x = self.input_transform(x)
         if x.is_cuda and self.packing == 2 and kernels.triton_supported(x, self.block_size):
+            if torch.compiler.is_compiling():  # one opaque op for torch.compile (kernels/ops.py)
+                return ops.ternary_linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
+                                          self.out_features, self.block_size)
             from .kernels import triton_ternary
             return triton_ternary.linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
                                          self.out_features, self.block_size,

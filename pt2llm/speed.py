@@ -4,7 +4,11 @@ Prefill: one forward pass over `batch` prompts of `prompt_len` random tokens (lo
 last position only), timed with CUDA events, median of a few. Decode: greedy, one token
 at a time into a static KV cache (transformers' StaticCache), the whole step (forward,
 argmax, advancing position and mask) captured once as a CUDA graph and replayed, so the
-GPU is not left waiting on Python; `graphs=False` runs the same step eagerly.
+GPU is not left waiting on Python; `graphs=False` runs the same step eagerly. With
+`compile=True` the model's forward in that step goes through torch.compile first (Inductor,
+no CUDA graphs of its own: the step's graph holds it), which fuses the small kernels
+between the linears (norms, rotary embedding, the SiLU product); TernaryLinear and the
+online Hadamard reach it as opaque custom ops (kernels/ops.py). Prefill stays eager.
 """
 from __future__ import annotations
 
@@ -39,11 +43,13 @@ def _events_ms(fn, reps: int) -> list[float]:
 class Decoder:
     """A one-token greedy decode step on a static cache, as a CUDA graph (or eager)."""
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, compile: bool = False):
         from transformers import StaticCache
 
         dev = next(model.parameters()).device
         self.model, self.max_len = model, max_len
+        # the decode step's forward: compiled for one shape (batch x 1 token), not the prefill's
+        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -66,9 +72,9 @@ class Decoder:
     @torch.no_grad()
     def _step(self) -> None:
         self.mask.index_fill_(-1, self.pos, True)
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
-                         position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
-                         use_cache=True)
+        out = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+                           position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
+                           use_cache=True)
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.pos.add_(1)
 
@@ -101,8 +107,9 @@ class Decoder:
 
 
 def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1, graphs: bool = True,
-            seed: int = 0) -> dict:
-    """Prefill and decode tokens/s and memory of `model` (on a CUDA device, in eval mode)."""
+            seed: int = 0, compile: bool = False) -> dict:
+    """Prefill and decode tokens/s and memory of `model` (on a CUDA device, in eval mode);
+    compile: the decode step through torch.compile (see the module docstring)."""
     dev = next(model.parameters()).device
     vocab = model.config.vocab_size
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -116,7 +123,7 @@ def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1,
         _events_ms(fwd, 2)  # warm-up: kernels compiled, allocator primed
         prefill_ms = statistics.median(_events_ms(fwd, 5))
 
-    dec = Decoder(model, batch, prompt_len + new_tokens + 4)
+    dec = Decoder(model, batch, prompt_len + new_tokens + 4, compile=compile)
     dec.prefill(prompt)
     how = "eager"
     if graphs:
@@ -126,6 +133,11 @@ def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1,
         except RuntimeError as e:  # a model whose forward cannot be captured: say so, time it eagerly
             how = f"eager (graph capture failed: {str(e).splitlines()[0][:120]})"
             dec.graph = None
+    if dec.graph is None:  # eager: warm up (compiles when compile=True) outside the timed runs
+        for _ in range(2):
+            dec.step()
+    if compile:
+        how += " + torch.compile"
     times = []
     for _ in range(3):
         dec.prefill(prompt)  # each run starts after the same prompt (outside the timed region)

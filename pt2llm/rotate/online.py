@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels, pack
+from ..kernels import ops
 from . import hadamard
 
 CONFIG_KEY = "pt2llm_rotation"
@@ -29,6 +30,8 @@ def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     many terms), returned in x's dtype. On CUDA, 16-bit: one Triton kernel
     (kernels.triton_hadamard); else `hadamard_input_torch`."""
     if kernels.hadamard_supported(x):
+        if torch.compiler.is_compiling():  # one opaque op for torch.compile (kernels/ops.py)
+            return ops.hadamard_input(x, signs)
         from ..kernels import triton_hadamard
         return triton_hadamard.transform(x, signs)
     return hadamard_input_torch(x, signs)

@@ -1,0 +1,85 @@
+"""The custom ops torch.compile sees (pt2llm/kernels/ops.py): on the CPU through Triton's
+interpreter, torch.library's own checks (schema, fake tensor, autograd registration) and a
+compiled call equal to the eager kernel; on CUDA, a compiled TernaryLinear (with and without
+an online Hadamard) against its eager forward, through the op."""
+import os
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from pt2llm import pack  # noqa: E402
+from pt2llm.kernels import ops  # noqa: E402
+from pt2llm.kernels import triton_ternary as tt  # noqa: E402
+from pt2llm.nn import TernaryLinear  # noqa: E402
+from pt2llm.rotate import hadamard  # noqa: E402
+from pt2llm.rotate.online import OnlineHadamard  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _layer(out_f, in_f, gen, bias=True):
+    mod = TernaryLinear(in_f, out_f, bias)
+    mod.packed.copy_(pack.pack_trit_rows(torch.randint(-1, 2, (out_f, in_f), generator=gen)))
+    mod.alpha.copy_(torch.rand(mod.alpha.shape, generator=gen) * 0.05 + 0.01)
+    mod.mu.copy_(torch.randn(mod.mu.shape, generator=gen) * 0.01)
+    mod.perm.copy_(torch.randperm(in_f, generator=gen).to(mod.perm.dtype))
+    if bias:
+        mod.bias.copy_(torch.randn(out_f, generator=gen))
+    return mod.to(DEV)
+
+
+def _args(mod, x):
+    return (x, mod.packed, mod.alpha, mod.mu, mod.perm, mod.bias, mod.out_features, mod.block_size)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_ternary_linear_op_passes_torch_library_checks(bias):
+    gen = torch.Generator().manual_seed(1)
+    mod = _layer(37, 300, gen, bias)
+    x = torch.randn(2, 3, 300, generator=gen).half().to(DEV)
+    torch.library.opcheck(torch.ops.pt2llm.ternary_linear.default, _args(mod, x),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_compiled_op_gives_the_eager_kernels_output():
+    gen = torch.Generator().manual_seed(2)
+    mod = _layer(40, 256, gen)
+    x = torch.randn(5, 256, generator=gen).half().to(DEV)
+    f = torch.compile(lambda x: ops.ternary_linear(*_args(mod, x)) * 2, backend="aot_eager", fullgraph=True)
+    y = f(x)
+    ref = tt.linear(*_args(mod, x)) * 2
+    assert y.shape == (5, 40) and y.dtype == torch.float16
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_hadamard_op_passes_torch_library_checks():
+    gen = torch.Generator().manual_seed(3)
+    signs = hadamard.random_signs(896, gen).to(DEV)
+    x = torch.randn(4, 896, generator=gen).half().to(DEV)
+    torch.library.opcheck(torch.ops.pt2llm.hadamard_input.default, (x, signs),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.skipif(not CUDA, reason="TernaryLinear takes the kernels (and so the op) on CUDA only")
+@pytest.mark.parametrize("rotated", [False, True])
+def test_compiled_ternary_linear_goes_through_the_op_and_matches_eager(rotated):
+    gen = torch.Generator().manual_seed(4)
+    mod = _layer(1000, 1408, gen)
+    if rotated:
+        mod.input_transform = OnlineHadamard(1408, hadamard.random_signs(1408, gen), device=DEV)
+    counter = CompileCounterWithBackend("inductor")
+    f = torch.compile(mod, backend=counter, fullgraph=True)
+    for m in (1, 8, 200):
+        x = torch.randn(m, 1408, generator=gen).half().to(DEV)
+        torch.testing.assert_close(f(x), mod(x), rtol=1e-3, atol=1e-3)
+    assert counter.frame_count >= 1
+    # the graph dynamo built calls the op (not the Python launchers, which it cannot trace)
+    graph = "\n".join(str(g.graph) for g in counter.graphs)
+    assert "pt2llm.ternary_linear" in graph
+    assert ("pt2llm.hadamard_input" in graph) == rotated
