@@ -1,13 +1,14 @@
 """Ternary kernels (CUDA mma kernel, Triton kernels) against torch.nn.functional.linear in fp16, one CUDA GPU.
 
-    PYTHONPATH=$PWD python3 benchmarks/kernels.py --out docs/results    # kernels.json, kernels.md
+    PYTHONPATH=$PWD python3 benchmarks/kernels.py --out docs/results    # kernels.json, kernels-groups.json, kernels.md
     PYTHONPATH=$PWD python3 benchmarks/kernels.py --sweep --out DIR     # tune first, then the same
 
 Times come from CUDA graphs, as in a model's decode loop: one graph calls the operation on
 enough copies of the weights (at least 256 MiB in all) that they come from device memory,
 not L2; its replays are timed with CUDA events, and the median over replays is divided by
 the number of copies. (Timing single calls from Python measures the CPU's launch time for
-these short kernels, not the GPU's.) The
+these short kernels, not the GPU's.) fp16 and the ternary paths of one shape and M are
+replayed in turn (`paired_us`), so the GPU's clock drift falls on all of them alike. The
 bandwidth share is the kernel's fewest bytes (packed codes, alpha, mu, column order,
 activations in, outputs out) over its time, divided by the bandwidth of a device-to-device
 copy measured in the same run (bytes read + written). Weights are random codes; the
@@ -61,6 +62,11 @@ def ternary_bytes(L, m, k) -> int:
 
 def graph_us(fn, tensors: dict, reps: int = 15) -> float:
     """Microseconds per call of fn(**copy) over copies of `tensors` in one CUDA graph."""
+    return paired_us({"fn": (fn, tensors)}, reps)["fn"]
+
+
+def _graph(fn, tensors: dict):
+    """(graph, calls) of fn(**copy) over copies of `tensors` (256 MiB or more in all)."""
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
     copies = [tensors] + [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
                           for _ in range(min(200, -(-2**28 // nbytes)) - 1)]
@@ -76,16 +82,30 @@ def graph_us(fn, tensors: dict, reps: int = 15) -> float:
             fn(**c)
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    return g, len(copies), copies
+
+
+def paired_us(variants: dict, reps: int = 15) -> dict:
+    """{name: (fn, tensors)} -> {name: microseconds per call}: each variant's CUDA graph as in
+    graph_us, the graphs replayed in turn (fp16, then each path, again and again), median of
+    each's replays. In turn, because the GPU's clock drifts over a run (it slows under long
+    compute-bound work, and the first timing after a pause runs slow): timed one after the
+    other, fp16's M = 1 figure moved 166-198 us and its M = 2048 figure 1288-1497 us on
+    28672x8192 within a minute (docs/results/kernels.md)."""
+    graphs = {k: _graph(fn, t) for k, (fn, t) in variants.items()}
+    for g, _, _ in graphs.values():  # one replay each before timing
         g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(copies))
-    del g, copies
-    return statistics.median(times)
+    times = {k: [] for k in graphs}
+    for _ in range(reps):
+        for k, (g, n, _) in graphs.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times[k].append(a.elapsed_time(b) * 1e3 / n)
+    del graphs
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def check(L, x, y) -> float:
@@ -111,15 +131,17 @@ def run(args):
         w16 = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-            fp16_us = graph_us(lambda w: F.linear(x, w), {"w": w16})
-            paths = {"fused": None, "prefill": None} if m <= 128 else {"prefill": None}  # fused: far slower there
+            names = ["fused", "prefill"] if m <= 128 else ["prefill"]  # fused: far slower there
             if m <= 16 and cuda_ternary.supported(x, L["packed"], L["perm"], 128):
-                paths = {"mma": None, **paths}
-            for p in paths:
+                names = ["mma", *names]
+            variants = {"fp16": (lambda w: F.linear(x, w), {"w": w16})}
+            for p in names:
                 y = tt.linear(x, **L, path=p)
                 err = check(L, x, y)
                 assert err < 2e-3, (n, k, m, p, err)
-                paths[p] = graph_us(lambda **c: tt.linear(x, **c, path=p), L)
+                variants[p] = (lambda p=p, **c: tt.linear(x, **c, path=p), L)
+            paths = paired_us(variants)
+            fp16_us = paths.pop("fp16")
             used = tt.default_path(x, L["packed"], L["perm"], 128)  # what linear() runs
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
@@ -139,6 +161,39 @@ def run(args):
 
 LAYERS = {"7B": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)],     # q k v o, gate up, down
           "70B": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192)] + [(28672, 8192)] * 2 + [(8192, 28672)]}
+
+
+GROUPS = {"7B q/k/v": ([4096] * 3, 4096), "7B gate/up": ([11008] * 2, 4096),
+          "70B q/k/v": ([8192, 1024, 1024], 8192), "70B gate/up": ([28672] * 2, 8192)}
+
+
+def groups(gen, ms=(1, 4)) -> list[dict]:
+    """The layers of a decoder layer that read one input, at decode sizes: fp16 (one F.linear
+    each), ternary one launch each (linear), and ternary in one launch (linear_group, what a
+    compiled model runs: kernels/ops.py)."""
+    rows = []
+    for name, (outs, k) in GROUPS.items():
+        Ls = [make_layer(n, k, gen) for n in outs]
+        w16 = {f"w{i}": torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
+               for i, n in enumerate(outs)}
+        tens = {f"{key}{i}": L[key] for i, L in enumerate(Ls) for key in ("packed", "alpha", "mu", "perm")}
+        layers = lambda c: [(c[f"packed{i}"], c[f"alpha{i}"], c[f"mu{i}"], c[f"perm{i}"], None, n)  # noqa: E731
+                            for i, n in enumerate(outs)]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            for L, y in zip(Ls, tt.linear_group(x, layers(tens), 128)):
+                assert check(L, x, y) < 2e-3, (name, m)
+            t = paired_us({"fp16": (lambda **c: [F.linear(x, w) for w in c.values()], w16),
+                           "separate": (lambda **c: [tt.linear(x, *lay, 128) for lay in layers(c)], tens),
+                           "group": (lambda **c: tt.linear_group(x, layers(c), 128), tens)})
+            row = {"layers": name, "shapes": [f"{n}x{k}" for n in outs], "M": m,
+                   **{f"{key}_us": round(v, 2) for key, v in t.items()},
+                   "speedup_separate": round(t["fp16"] / t["separate"], 2),
+                   "speedup_group": round(t["fp16"] / t["group"], 2)}
+            rows.append(row)
+            print("group", row, flush=True)
+        del Ls, w16, tens
+    return rows
 
 
 def online(gen, ms=(1, 16)) -> list[dict]:
@@ -247,6 +302,25 @@ def write_online(rows, dev, date, out: Path):
     (out / "online-hadamard.md").write_text("\n".join(lines) + "\n")
 
 
+def write_groups(rows, dev, date, out: Path):
+    (out / "kernels-groups.json").write_text(json.dumps([r | {"device": dev, "date": date} for r in rows],
+                                                        indent=1) + "\n")
+    lines = ["", "## Layers that read one input, in one launch", "",
+             "A decoder layer's q/k/v (and its gate/up) read the same activations. A compiled model "
+             "(`pt2llm bench --compile`, kernels/ops.py) runs them as one launch of the CUDA kernel "
+             "(`triton_ternary.linear_group`); eager calls launch each. fp16: one `F.linear` each. "
+             "Times per group, paired as above.", "",
+             "| layers | shapes | M | fp16 µs | ternary, one launch each µs | ternary, one launch µs | "
+             "speedup (each) | speedup (one launch) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layers']} | {', '.join(r['shapes'])} | {r['M']} | {r['fp16_us']:.1f} | "
+                     f"{r['separate_us']:.1f} | {r['group_us']:.1f} | {r['speedup_separate']:.2f}x | "
+                     f"{r['speedup_group']:.2f}x |")
+    with open(out / "kernels.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write(rows, dev, date, bw, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuning.json").write_text(json.dumps(tt.TUNING) + "\n")  # benchmarks/e2e.py --tuning reads it
@@ -259,7 +333,9 @@ def write(rows, dev, date, bw, out: Path):
              "Shapes are out x in; speedup = fp16 time / ternary time; bandwidth share = the ternary "
              "kernel's fewest bytes over its time, as a share of the copy's bandwidth. Times per call "
              "from CUDA-graph replays over copies of the weights (256 MiB or more in all: weights come from "
-             "device memory; no launch gaps), median of replays. Paths: `mma`, the CUDA kernel (kernels/cuda_ternary.py, "
+             "device memory; no launch gaps), median of replays; fp16 and every path of a row are replayed "
+             "in turn (`paired_us`), so that the GPU's clock drift falls on all of them alike. Paths: `mma`, "
+             "the CUDA kernel (kernels/cuda_ternary.py, "
              f"the default up to M = {tt.TUNING['mma_max_m']}); `fused`, the Triton kernel (the default up to M = "
              f"{tt.TUNING['prefill_from_m'] - 1} after that); `prefill`, dequantize (in the original column order) + "
              "cuBLAS (larger M). Every path's time is given where it was timed. Launch settings: Triton "
@@ -290,8 +366,10 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if not args.only_online:
         rows, dev, date, bw = run(args)
+        grows = groups(torch.Generator(device="cuda").manual_seed(2))
         if args.out:
             write(rows, dev, date, bw, args.out)
+            write_groups(grows, dev, date, args.out)
     if args.online or args.only_online:
         orows = online(torch.Generator(device="cuda").manual_seed(1))
         if args.out:

@@ -8,7 +8,8 @@ GPU is not left waiting on Python; `graphs=False` runs the same step eagerly. Wi
 `compile=True` the model's forward in that step goes through torch.compile first (Inductor,
 no CUDA graphs of its own: the step's graph holds it), which fuses the small kernels
 between the linears (norms, rotary embedding, the SiLU product); TernaryLinear and the
-online Hadamard reach it as opaque custom ops (kernels/ops.py). Prefill stays eager.
+online Hadamard reach it as opaque custom ops, and the ternary linears that read one input
+(q/k/v, gate/up) become one launch (kernels/ops.py, `backend`). Prefill stays eager.
 """
 from __future__ import annotations
 
@@ -49,7 +50,11 @@ class Decoder:
         dev = next(model.parameters()).device
         self.model, self.max_len = model, max_len
         # the decode step's forward: compiled for one shape (batch x 1 token), not the prefill's
-        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        if compile:  # Inductor after grouping the ternary linears that share an input (kernels/ops.py)
+            from .kernels import ops
+            self.forward = torch.compile(model.forward, dynamic=False, backend=ops.backend)
+        else:
+            self.forward = model.forward
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)

@@ -228,3 +228,33 @@ def test_dequantize_original_is_bit_identical_to_the_triton_kernel(n, k):
         want = tt.dequantize_original(L["packed"], L["alpha"], L["mu"], inv, n, 128, torch.float16)
         assert torch.equal(got, want)
         assert torch.equal(got.cpu()[:, L["perm"].long().cpu()], w.half())  # stored order: the reference weight
+
+
+@needs_cuda
+@pytest.mark.parametrize("shapes,k", [([(896, True), (128, True), (128, True)], 896),  # Qwen2.5-0.5B q/k/v
+                                      ([(300, False), (1000, False)], 1408),              # gate/up-like
+                                      ([(13, True), (81, False), (40, True)], 576)])
+def test_a_group_launch_gives_each_layer_its_own_launchs_output(shapes, k):
+    """matmul_group: one launch for layers that read one x, each output bit for bit what matmul
+    gives that layer alone with the same split count; linear_group falls back to one call each
+    beyond the mma kernel's rows, with the same outputs as linear."""
+    gen = torch.Generator().manual_seed(k + len(shapes))
+    layers = [(_layer(n, k, gen, bias)[0], n) for n, bias in shapes]
+    tup = [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n) for L, n in layers]
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, generator=gen).half().cuda()
+        for splits in (1, 3):
+            got = ct.matmul_group(x, tup, splits=splits)
+            for y, (L, n) in zip(got, layers):
+                assert y.shape == (m, n)
+                assert torch.equal(y, ct.matmul(x, **L, n_out=n, splits=splits))
+        for m_lead in ((m,), (1, m)):
+            xs = x.reshape(*m_lead, k)
+            got = tt.linear_group(xs, tup, 128)
+            for y, (L, n) in zip(got, layers):
+                want = tt.linear(xs, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n, 128)
+                assert y.shape == (*m_lead, n)
+                err = float((y.float() - want.float()).norm() / want.float().norm())
+                assert err < 1e-3, (m, err)  # the group's split count may differ from each layer's
+    with pytest.raises(ValueError):
+        ct.matmul_group(x, tup * 2)

@@ -83,3 +83,49 @@ def test_compiled_ternary_linear_goes_through_the_op_and_matches_eager(rotated):
     graph = "\n".join(str(g.graph) for g in counter.graphs)
     assert "pt2llm.ternary_linear" in graph
     assert ("pt2llm.hadamard_input" in graph) == rotated
+
+
+def test_group_op_passes_torch_library_checks():
+    gen = torch.Generator().manual_seed(5)
+    mods = [_layer(n, 256, gen, bias=b) for n, b in ((40, True), (13, False), (13, True))]
+    x = torch.randn(3, 256, generator=gen).half().to(DEV)
+    args = (x, *([getattr(m, a) for m in mods] for a in ("packed", "alpha", "mu", "perm", "bias")),
+            [m.out_features for m in mods], 128)
+    torch.library.opcheck(torch.ops.pt2llm.ternary_linear_group.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_backend_groups_the_linears_that_read_one_input():
+    """ops.backend puts q/k/v-like calls on one input into one group call (at most three), leaves
+    a call on another input alone, and the compiled function gives the eager outputs."""
+    import functools
+
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, g, o = (_layer(n, 256, gen, bias=n != 13) for n in (40, 13, 13, 37, 40))
+    w = _layer(20, 40, gen)
+
+    def fn(x):
+        a, b, c, d = (ops.ternary_linear(*_args(m, x)) for m in (q, k, v, g))
+        e = ops.ternary_linear(*_args(w, a))  # another input: not grouped
+        return a, b, c, d, e, ops.ternary_linear(*_args(o, x))
+
+    graphs = []
+
+    def spy(gm, inputs):
+        made = ops.group_linears(gm)
+        graphs.append((made, str(gm.graph)))
+        return gm.forward
+
+    x = torch.randn(2, 256, generator=gen).half().to(DEV)
+    ref = fn(x)
+    out = torch.compile(fn, backend=spy, fullgraph=True)(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (made, graph), = graphs
+    assert made == 2  # q/k/v and then g/o: groups of at most three, in graph order
+    assert graph.count("pt2llm.ternary_linear_group.default") == 2
+    assert graph.count("pt2llm.ternary_linear.default") == 1  # w, on a's output
+    # the backend as torch.compile takes it, with a backend inside other than Inductor
+    out = torch.compile(fn, backend=functools.partial(ops.backend, inner="aot_eager"), fullgraph=True)(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

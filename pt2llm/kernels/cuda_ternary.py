@@ -93,20 +93,40 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 // (XR rows: 1 when M = 1, else 8 NT), then its rows' (alpha, mu) pairs, am[block][ROWS].
 template <int NT, bool M1>
 __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
-    const u16* __restrict__ x, const u8* __restrict__ packed, const u16* __restrict__ alpha,
-    const u16* __restrict__ mu, const void* __restrict__ perm, const u16* __restrict__ bias,
-    u16* __restrict__ out, float* __restrict__ part, int* __restrict__ counters,
-    int M, int N, int K, int G, int NB, int stride_xm, int per_split, int splits, int perm32,
-    int has_bias) {
+    const u16* __restrict__ x,
+    const u8* __restrict__ packed0, const u8* __restrict__ packed1, const u8* __restrict__ packed2,
+    const u16* __restrict__ alpha0, const u16* __restrict__ alpha1, const u16* __restrict__ alpha2,
+    const u16* __restrict__ mu0, const u16* __restrict__ mu1, const u16* __restrict__ mu2,
+    const void* __restrict__ perm0, const void* __restrict__ perm1, const void* __restrict__ perm2,
+    const u16* __restrict__ bias0, const u16* __restrict__ bias1, const u16* __restrict__ bias2,
+    u16* __restrict__ out0, u16* __restrict__ out1, u16* __restrict__ out2,
+    float* __restrict__ part, int* __restrict__ counters,
+    int M, int N0, int N1, int N2, int K, int NB, int stride_xm, int per_split, int splits, int perm32,
+    int bias_mask, int tiles0, int tiles01) {
   constexpr int XR = M1 ? 1 : NT * 8;
   constexpr int THREADS = 32 * WARPS;
   extern __shared__ __align__(16) u32 smem[];
   __shared__ int last;
+  // A group of up to three layers that read the same x (q/k/v, gate/up): CTA column tiles
+  // [0, tiles0) are layer 0's, [tiles0, tiles01) layer 1's, the rest layer 2's. The split
+  // partial sums of all of them share `part` ([splits][M][N0 + N1 + N2], layer l's columns
+  // from noff on); counters are per CTA column (blockIdx.x).
+  const int layer = blockIdx.x < tiles0 ? 0 : (blockIdx.x < tiles01 ? 1 : 2);
+  const int tile = blockIdx.x - (layer == 0 ? 0 : (layer == 1 ? tiles0 : tiles01));
+  const u8* __restrict__ packed = layer == 0 ? packed0 : (layer == 1 ? packed1 : packed2);
+  const u16* __restrict__ alpha = layer == 0 ? alpha0 : (layer == 1 ? alpha1 : alpha2);
+  const u16* __restrict__ mu = layer == 0 ? mu0 : (layer == 1 ? mu1 : mu2);
+  const void* __restrict__ perm = layer == 0 ? perm0 : (layer == 1 ? perm1 : perm2);
+  const u16* __restrict__ bias = layer == 0 ? bias0 : (layer == 1 ? bias1 : bias2);
+  u16* __restrict__ out = layer == 0 ? out0 : (layer == 1 ? out1 : out2);
+  const int N = layer == 0 ? N0 : (layer == 1 ? N1 : N2), G = (N + 4) / 5;
+  const int noff = layer == 0 ? 0 : (layer == 1 ? N0 : N0 + N1), NALL = N0 + N1 + N2;
+  const bool has_bias = (bias_mask >> layer) & 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int pA = (blockIdx.x * WARPS + warp) * 16 + g, pB = pA + 8;
+  const int pA = (tile * WARPS + warp) * 16 + g, pB = pA + 8;
   const int b0 = blockIdx.y * per_split, b1 = min(b0 + per_split, NB), nblk = b1 - b0;
-  const int n0 = blockIdx.x * ROWS;
+  const int n0 = tile * ROWS;
   u32* xs = smem;
   u32* am = smem + XR * per_split * RS;
 
@@ -244,7 +264,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
         }
     return;
   }
-  float* mine = part + (long long)blockIdx.y * M * N;
+  float* mine = part + (long long)blockIdx.y * M * NALL + noff;
   #pragma unroll
   for (int i = 0; i < 5; ++i)
     #pragma unroll
@@ -252,7 +272,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int n = 5 * (e < 2 ? pA : pB) + i, m = 8 * j + 2 * t + (e & 1);
-        if (n < N && m < M) __stcg(mine + (long long)m * N + n, acc[i][j][e]);
+        if (n < N && m < M) __stcg(mine + (long long)m * NALL + n, acc[i][j][e]);
       }
   __threadfence();
   __syncthreads();
@@ -265,7 +285,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
     const int m = idx / ROWS, n = n0 + idx % ROWS;
     if (n >= N) continue;
     float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += __ldcg(part + ((long long)s * M + m) * N + n);
+    for (int s = 0; s < splits; ++s) v += __ldcg(part + ((long long)s * M + m) * NALL + noff + n);
     if (has_bias) v += h2f(bias[n]);
     out[(long long)m * N + n] = f2h(v);
   }
@@ -426,33 +446,57 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
            **over) -> torch.Tensor:
     """x2 [M, K] fp16 (rows contiguous, M <= 16) -> [M, n_out] fp16; `supported` must hold.
     `over` overrides TUNING's settings; `splits` fixes the split-K count."""
+    return matmul_group(x2, [(packed, alpha, mu, perm, bias, n_out)], splits, **over)[0]
+
+
+MAX_GROUP = 3  # layers one launch takes (the kernel's packed0..packed2)
+
+
+def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, **over) -> list[torch.Tensor]:
+    """One launch for up to MAX_GROUP layers that read the same x2 [M, K] (q/k/v, gate/up):
+    layers = [(packed, alpha, mu, perm, bias, n_out), ...] with the same K and perm dtype,
+    `supported` holding for each -> their outputs [M, n_out] fp16, in order. Each layer's
+    output is what `matmul` gives it alone, bit for bit when the split count is the same."""
+    if not 1 <= len(layers) <= MAX_GROUP:
+        raise ValueError(f"the CUDA kernel takes 1 to {MAX_GROUP} layers a launch, not {len(layers)}")
     M, K = x2.shape
-    G, NB = packed.shape[0], alpha.shape[1]
-    if alpha.dtype != torch.float16 or mu.dtype != torch.float16 or not (alpha.is_contiguous() and mu.is_contiguous()):
-        raise ValueError("the CUDA kernel takes contiguous fp16 alpha and mu")
+    NB = layers[0][1].shape[1]
+    perm32 = layers[0][3].dtype == torch.int32
+    for packed, alpha, mu, perm, _, n_out in layers:
+        if alpha.dtype != torch.float16 or mu.dtype != torch.float16 or not (alpha.is_contiguous() and mu.is_contiguous()):
+            raise ValueError("the CUDA kernel takes contiguous fp16 alpha and mu")
+        if packed.shape[1] != K or alpha.shape[1] != NB or (perm.dtype == torch.int32) != perm32:
+            raise ValueError("a group's layers must share K, the block count and the column order's dtype")
     dev = _device(x2)
-    settings = _settings(n_out, K, over)
+    n_all = sum(layer[5] for layer in layers)
+    settings = _settings(n_all, K, over)
     kern = _kernel(M, torch.cuda.get_device_capability(dev), settings["warps"], settings["minb"])
-    tiles = -(-G // (16 * settings["warps"]))
-    if tiles > (1 << 16):
-        raise ValueError(f"layer too tall for the CUDA kernel: {n_out} rows")
+    per_tile = 16 * settings["warps"]
+    tiles = [-(-layer[0].shape[0] // per_tile) for layer in layers]
+    if sum(tiles) > (1 << 16):
+        raise ValueError(f"layers too tall for the CUDA kernel: {n_all} rows")
     # shared memory: the activations (XR rows) and the (alpha, mu) pairs of every block the CTA
     # takes; at most SMEM bytes, which bounds the blocks a CTA takes
     nt, m1 = _variant(M)
     xr, rows = (1 if m1 else 8 * nt), 80 * settings["warps"]
     per_cap = max(1, SMEM // (4 * (xr * RS + rows)))
-    splits = max(splits or split_count(tiles, NB, settings["slots"]), -(-NB // per_cap))
+    splits = max(splits or split_count(sum(tiles), NB, settings["slots"]), -(-NB // per_cap))
     per = -(-NB // splits)
     splits = -(-NB // per)
     smem = 4 * per * (xr * RS + rows)
-    out = torch.empty(M, n_out, device=x2.device, dtype=torch.float16)
-    part = torch.empty(splits, M, n_out, device=x2.device, dtype=torch.float32) if splits > 1 else out
+    outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
+    part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 else outs[0]
     counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
-    kern(grid=(tiles, splits, 1), block=(32 * settings["warps"], 1, 1), shared_mem=smem,
-         args=[x2, packed, alpha, mu, perm, bias if bias is not None else alpha, out, part, counters,
-               M, n_out, K, G, NB, x2.stride(0), per, splits, int(perm.dtype == torch.int32),
-               int(bias is not None)])
-    return out
+    pad = lambda v: v + [v[-1]] * (MAX_GROUP - len(v))  # noqa: E731  (unused slots: never read)
+    col = lambda i: pad([layer[i] for layer in layers])  # noqa: E731
+    bias = pad([layer[4] if layer[4] is not None else layer[1] for layer in layers])
+    n = [layer[5] for layer in layers] + [0] * (MAX_GROUP - len(layers))
+    bias_mask = sum(1 << i for i, layer in enumerate(layers) if layer[4] is not None)
+    ends = [sum(tiles[:1]), sum(tiles[:2])]
+    kern(grid=(sum(tiles), splits, 1), block=(32 * settings["warps"], 1, 1), shared_mem=smem,
+         args=[x2, *col(0), *col(1), *col(2), *col(3), *bias, *pad(outs), part, counters,
+               M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends])
+    return outs
 
 
 def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch.Tensor, block_size: int,

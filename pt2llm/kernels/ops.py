@@ -1,4 +1,5 @@
-"""The GPU forward paths as torch custom ops, for torch.compile.
+"""The GPU forward paths as torch custom ops, for torch.compile, and a compile backend that
+groups the ternary linears reading one input into one launch.
 
 Under torch.compile, TernaryLinear and the online Hadamard call these ops instead of their
 Python launchers (which dynamo cannot trace: NVRTC launches, Python-side caches). The
@@ -6,10 +7,18 @@ compiler sees one opaque op with a known output shape and fuses what lies around
 rotary embedding, the SiLU product, attention glue); eager calls keep the plain launchers.
 
     torch.ops.pt2llm.ternary_linear(x, packed, alpha, mu, perm, bias, n_out, block_size)
+    torch.ops.pt2llm.ternary_linear_group(x, [packed], [alpha], [mu], [perm], [bias], [n_out], block_size)
     torch.ops.pt2llm.hadamard_input(x, signs)
+
+`backend` (torch.compile(fn, backend=ops.backend)) rewrites the captured graph before
+Inductor: ternary_linear calls on the same input (a decoder layer's q/k/v, its gate/up) become
+one ternary_linear_group call, which at decode sizes is one CUDA launch
+(triton_ternary.linear_group). At M = 1 a 7B layer's q, k and v are each too short to fill
+the GPU on their own (docs/results/e2e.md).
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -38,3 +47,63 @@ def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 @hadamard_input.register_fake
 def _(x, signs):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("pt2llm::ternary_linear_group", mutates_args=())
+def ternary_linear_group(x: torch.Tensor, packed: list[torch.Tensor], alpha: list[torch.Tensor],
+                         mu: list[torch.Tensor], perm: list[torch.Tensor], bias: list[Optional[torch.Tensor]],
+                         n_out: list[int], block_size: int) -> list[torch.Tensor]:
+    """triton_ternary.linear_group: the layers' outputs for the same x, in order."""
+    from .triton_ternary import linear_group
+    return linear_group(x, list(zip(packed, alpha, mu, perm, bias, n_out)), block_size)
+
+
+@ternary_linear_group.register_fake
+def _(x, packed, alpha, mu, perm, bias, n_out, block_size):
+    return [x.new_empty(*x.shape[:-1], n) for n in n_out]
+
+
+def group_linears(gm: torch.fx.GraphModule, max_group: int = 3) -> int:
+    """Replace ternary_linear calls that take the same input node (and block size) by
+    ternary_linear_group calls of up to `max_group` layers, in graph order; returns how many
+    group calls were made. A call whose arguments are not all defined before the group's
+    first call stays as it is."""
+    single = torch.ops.pt2llm.ternary_linear.default
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    by_input: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is single and len(node.args) == 8 and not node.kwargs:
+            by_input.setdefault((node.args[0], node.args[7]), []).append(node)
+
+    def ready_before(node, first) -> bool:
+        return all(order[a] < order[first] for a in node.all_input_nodes)
+
+    made = 0
+    for (x, block_size), nodes in by_input.items():
+        while len(nodes) > 1:
+            first = nodes[0]
+            chunk = [first] + [n for n in nodes[1:] if ready_before(n, first)][:max_group - 1]
+            nodes = [n for n in nodes if n not in chunk]
+            if len(chunk) < 2:
+                continue
+            with gm.graph.inserting_before(first):
+                group = gm.graph.call_function(
+                    torch.ops.pt2llm.ternary_linear_group.default,
+                    (x, *([n.args[i] for n in chunk] for i in range(1, 7)), block_size))
+                items = [gm.graph.call_function(operator.getitem, (group, j)) for j in range(len(chunk))]
+            for node, item in zip(chunk, items):
+                item.meta.update(node.meta)
+                node.replace_all_uses_with(item)
+                gm.graph.erase_node(node)
+            made += 1
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
+
+
+def backend(gm: torch.fx.GraphModule, example_inputs, inner: str = "inductor"):
+    """A torch.compile backend: group_linears, then `inner` (Inductor by default)."""
+    group_linears(gm)
+    from torch._dynamo.backends.registry import lookup_backend
+    return lookup_backend(inner)(gm, example_inputs)

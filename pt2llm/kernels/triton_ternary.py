@@ -396,6 +396,25 @@ def default_path(x2: torch.Tensor, packed, perm, block_size: int) -> str:
     return "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
 
 
+def linear_group(x: torch.Tensor, layers, block_size: int) -> list[torch.Tensor]:
+    """[linear(x, *layer, block_size) for layer in layers], layers = [(packed, alpha, mu, perm,
+    bias, n_out), ...] that read the same x (q/k/v, gate/up): one launch of the CUDA kernel
+    for all of them where it takes each (use_mma) and they share the block count and the
+    column order's dtype (cuda_ternary.matmul_group); else one call each."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    from . import cuda_ternary
+    if (1 < len(layers) <= cuda_ternary.MAX_GROUP
+            and len({(layer[1].shape[1], layer[3].dtype) for layer in layers}) == 1
+            and all(use_mma(x2, layer[0], layer[3], block_size) for layer in layers)):
+        outs = cuda_ternary.matmul_group(
+            x2, [(p, a, m, pm, None if b is None else b.to(x.dtype), n) for p, a, m, pm, b, n in layers])
+        return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
+    return [linear(x, *layer, block_size) for layer in layers]
+
+
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
