@@ -4,20 +4,24 @@ Triton kernels (`triton_ternary`) that TernaryLinear uses on CUDA, and the Trito
 the online Hadamard transform (`triton_hadamard`) that rotated models run on CUDA."""
 from __future__ import annotations
 
-import functools
-
 from .reference import linear
 
 __all__ = ["linear", "triton_supported", "hadamard_supported"]
 
 
-@functools.cache
+_TRITON: bool | None = None  # whether triton imports, once known (a plain global, not a
+# functools.cache: torch.compile traces this check, and dynamo warns on cache wrappers)
+
+
 def _have_triton() -> bool:
-    try:
-        from . import triton_ternary  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton_ternary  # noqa: F401
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
 
 
 def triton_supported(x, block_size: int) -> bool:
