@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from pt2llm import pack  # noqa: E402
 from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
 from pt2llm.kernels import triton_ternary as tt  # noqa: E402
-from pt2llm.nn import TernaryLinear  # noqa: E402
+from tinymodels import random_ternary  # noqa: E402
 
 
 def byte_perm(x: int, y: int, s: int) -> int:
@@ -170,13 +170,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 def _layer(n, k, gen, bias):
     """A random TernaryLinear's buffers on CUDA, and its weight in stored column order (float64)."""
-    mod = TernaryLinear(k, n, bias)
-    mod.packed.copy_(pack.pack_trit_rows(torch.randint(-1, 2, (n, k), generator=gen)))
-    mod.alpha.copy_(torch.rand(mod.alpha.shape, generator=gen) * 0.02 + 0.005)
-    mod.mu.copy_(torch.randn(mod.mu.shape, generator=gen) * 0.002)
-    mod.perm.copy_(torch.randperm(k, generator=gen).to(mod.perm.dtype))
-    if bias:
-        mod.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    mod = random_ternary(n, k, gen, bias, alpha=(0.02, 0.005), mu_std=0.002, bias_std=0.1)
     layer = {key: getattr(mod, key) for key in ("packed", "alpha", "mu", "perm", "bias")}
     return {key: v.cuda() if v is not None else None for key, v in layer.items()}, mod.weight_permuted(torch.float64)
 

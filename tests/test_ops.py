@@ -13,25 +13,17 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from pt2llm import pack  # noqa: E402
 from pt2llm.kernels import ops  # noqa: E402
 from pt2llm.kernels import triton_ternary as tt  # noqa: E402
-from pt2llm.nn import TernaryLinear  # noqa: E402
 from pt2llm.rotate import hadamard  # noqa: E402
 from pt2llm.rotate.online import OnlineHadamard  # noqa: E402
+from tinymodels import random_ternary  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 
 
 def _layer(out_f, in_f, gen, bias=True):
-    mod = TernaryLinear(in_f, out_f, bias)
-    mod.packed.copy_(pack.pack_trit_rows(torch.randint(-1, 2, (out_f, in_f), generator=gen)))
-    mod.alpha.copy_(torch.rand(mod.alpha.shape, generator=gen) * 0.05 + 0.01)
-    mod.mu.copy_(torch.randn(mod.mu.shape, generator=gen) * 0.01)
-    mod.perm.copy_(torch.randperm(in_f, generator=gen).to(mod.perm.dtype))
-    if bias:
-        mod.bias.copy_(torch.randn(out_f, generator=gen))
-    return mod.to(DEV)
+    return random_ternary(out_f, in_f, gen, bias).to(DEV)
 
 
 def _args(mod, x):

@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 
 from pt2llm import kernels, pack  # noqa: E402
 from pt2llm.kernels import triton_ternary as tt  # noqa: E402
-from pt2llm.nn import TernaryLinear  # noqa: E402
+from tinymodels import random_ternary  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 # (out, in): widths that are and are not multiples of 128 (the last block shorter); out not
@@ -46,15 +46,7 @@ def _to_bf16(w):
 
 
 def _layer(out_f, in_f, gen, bias=True, block=128):
-    mod = TernaryLinear(in_f, out_f, bias, block_size=block)
-    codes = torch.randint(-1, 2, (out_f, in_f), generator=gen)
-    mod.packed.copy_(pack.pack_trit_rows(codes))
-    mod.alpha.copy_(torch.rand(mod.alpha.shape, generator=gen) * 0.05 + 0.01)
-    mod.mu.copy_(torch.randn(mod.mu.shape, generator=gen) * 0.01)
-    mod.perm.copy_(torch.randperm(in_f, generator=gen).to(mod.perm.dtype))
-    if bias:
-        mod.bias.copy_(torch.randn(out_f, generator=gen))
-    return mod.to(DEV)
+    return random_ternary(out_f, in_f, gen, bias, block).to(DEV)
 
 
 def _rel(a, b):

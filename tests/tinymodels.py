@@ -38,6 +38,21 @@ def quantize(d, out, *extra):
     assert cli.main(args) == 0
 
 
+def random_ternary(out_f, in_f, gen, bias=True, block=128, alpha=(0.05, 0.01), mu_std=0.01, bias_std=1.0):
+    """A TernaryLinear (CPU) with random codes, column order and bias, alpha uniform in
+    [alpha[1], alpha[0] + alpha[1]) and mu normal with std mu_std."""
+    from pt2llm import pack
+    from pt2llm.nn import TernaryLinear
+    mod = TernaryLinear(in_f, out_f, bias, block_size=block)
+    mod.packed.copy_(pack.pack_trit_rows(torch.randint(-1, 2, (out_f, in_f), generator=gen)))
+    mod.alpha.copy_(torch.rand(mod.alpha.shape, generator=gen) * alpha[0] + alpha[1])
+    mod.mu.copy_(torch.randn(mod.mu.shape, generator=gen) * mu_std)
+    mod.perm.copy_(torch.randperm(in_f, generator=gen).to(mod.perm.dtype))
+    if bias:
+        mod.bias.copy_(torch.randn(out_f, generator=gen) * bias_std)
+    return mod
+
+
 def sha256(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
