@@ -24,6 +24,9 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
 - digit i of the 16 packed rows is the mma's 16 rows, one mma per digit and k-step, so the
   five weight rows a byte holds go to five accumulators; a sixth mma with A = 1 gives the
   block's sum of x, which mu needs;
+- one launch may take up to three layers that read the same x (`matmul_group`: a decoder
+  layer's q/k/v, its gate/up): each CTA column tile belongs to one layer, so short layers
+  that could not fill the GPU alone share one launch and its split-K buffer;
 - before its first block a CTA stages, in shared memory, the activations of all its blocks
   (gathered through perm; rows m < M; the B fragment's column n is row m) and its rows'
   (alpha, mu) pairs, so the loop over blocks has no barrier and no load but the codes'.
