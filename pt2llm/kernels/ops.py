@@ -16,10 +16,10 @@ one ternary_linear_group call, which at decode sizes is one CUDA launch
 (triton_ternary.linear_group). At M = 1 a 7B layer's q, k and v are each too short to fill
 the GPU on their own (docs/results/e2e.md).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the type hints
+# to make each op's schema, and older torch (2.4) does not evaluate string annotations.
 import operator
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -50,9 +50,9 @@ def _(x, signs):
 
 
 @torch.library.custom_op("pt2llm::ternary_linear_group", mutates_args=())
-def ternary_linear_group(x: torch.Tensor, packed: list[torch.Tensor], alpha: list[torch.Tensor],
-                         mu: list[torch.Tensor], perm: list[torch.Tensor], bias: list[Optional[torch.Tensor]],
-                         n_out: list[int], block_size: int) -> list[torch.Tensor]:
+def ternary_linear_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
+                         mu: List[torch.Tensor], perm: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
+                         n_out: List[int], block_size: int) -> List[torch.Tensor]:
     """triton_ternary.linear_group: the layers' outputs for the same x, in order."""
     from .triton_ternary import linear_group
     return linear_group(x, list(zip(packed, alpha, mu, perm, bias, n_out)), block_size)
@@ -63,7 +63,7 @@ def _(x, packed, alpha, mu, perm, bias, n_out, block_size):
     return [x.new_empty(*x.shape[:-1], n) for n in n_out]
 
 
-def group_linears(gm: torch.fx.GraphModule, max_group: int = 3) -> int:
+def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
     """Replace ternary_linear calls that take the same input node (and block size) by
     ternary_linear_group calls of up to `max_group` layers, in graph order; returns how many
     group calls were made. A call whose arguments are not all defined before the group's
@@ -102,7 +102,7 @@ def group_linears(gm: torch.fx.GraphModule, max_group: int = 3) -> int:
     return made
 
 
-def backend(gm: torch.fx.GraphModule, example_inputs, inner: str = "inductor"):
+def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor"):
     """A torch.compile backend: group_linears, then `inner` (Inductor by default)."""
     group_linears(gm)
     from torch._dynamo.backends.registry import lookup_backend
