@@ -86,8 +86,8 @@ def _graph(fn, tensors: dict):
 
 
 def paired_us(variants: dict, reps: int = 15) -> dict:
-    """{name: (fn, tensors)} -> {name: microseconds per call}: each variant's CUDA graph as in
-    graph_us, the graphs replayed in turn (fp16, then each path, again and again), median of
+    """{name: (fn, tensors)} -> {name: microseconds per call}: each variant's CUDA graph over
+    copies of its tensors (`_graph`), the graphs replayed in turn (fp16, then each path, again and again), median of
     each's replays. In turn, because the GPU's clock drifts over a run (it slows under long
     compute-bound work, and the first timing after a pause runs slow): timed one after the
     other, fp16's M = 1 figure moved 166-198 us and its M = 2048 figure 1288-1497 us on
@@ -212,15 +212,20 @@ def online(gen, ms=(1, 16)) -> list[dict]:
                 L = make_layer(n, k, gen)
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
                 w16 = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
-                fp16 += graph_us(lambda w: F.linear(x, w), {"w": w16})
-                t = graph_us(lambda **c: tt.linear(x, **c), L)
-                tern += t
+                variants = {"fp16": (lambda w: F.linear(x, w), {"w": w16}),
+                            "ternary": (lambda **c: tt.linear(x, **c), L)}
                 if i in online_at:
                     s = signs[i]
                     y, ref = hadamard_input(x, s), hadamard_input_torch(x, s)
                     assert torch.isfinite(y).all() and (y.float() - ref.float()).norm() <= 2e-3 * ref.float().norm()
-                    had += graph_us(lambda **c: tt.linear(hadamard_input(x, s), **c), L) - t
-                    had_torch += graph_us(lambda **c: tt.linear(hadamard_input_torch(x, s), **c), L) - t
+                    variants["rotated"] = (lambda s=s, **c: tt.linear(hadamard_input(x, s), **c), L)
+                    variants["rotated_torch"] = (lambda s=s, **c: tt.linear(hadamard_input_torch(x, s), **c), L)
+                t = paired_us(variants)
+                fp16 += t["fp16"]
+                tern += t["ternary"]
+                if i in online_at:
+                    had += t["rotated"] - t["ternary"]
+                    had_torch += t["rotated_torch"] - t["ternary"]
                 del L, w16
             factors = [f"{k} ({':'.join(map(str, hadamard.plan(k)))})" for k in online_at.values()]
             row = {"layer": name, "M": m, "online_in": factors,

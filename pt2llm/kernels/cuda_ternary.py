@@ -490,15 +490,17 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, **over) ->
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
     part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 else outs[0]
     counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
-    pad = lambda v: v + [v[-1]] * (MAX_GROUP - len(v))  # noqa: E731  (unused slots: never read)
-    col = lambda i: pad([layer[i] for layer in layers])  # noqa: E731
-    bias = pad([layer[4] if layer[4] is not None else layer[1] for layer in layers])
-    n = [layer[5] for layer in layers] + [0] * (MAX_GROUP - len(layers))
+    # the kernel's MAX_GROUP slots: unused ones repeat the last layer (never read: no tiles)
+    spare = MAX_GROUP - len(layers)
+    slots, out_slots = layers + layers[-1:] * spare, outs + outs[-1:] * spare
+    tensors = [slot[i] for i in range(4) for slot in slots]  # packed0..2, alpha0..2, mu0..2, perm0..2
+    tensors += [slot[4] if slot[4] is not None else slot[1] for slot in slots] + out_slots
+    n = [layer[5] for layer in layers] + [0] * spare
     bias_mask = sum(1 << i for i, layer in enumerate(layers) if layer[4] is not None)
     ends = [sum(tiles[:1]), sum(tiles[:2])]
     kern(grid=(sum(tiles), splits, 1), block=(32 * settings["warps"], 1, 1), shared_mem=smem,
-         args=[x2, *col(0), *col(1), *col(2), *col(3), *bias, *pad(outs), part, counters,
-               M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends])
+         args=[x2, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask,
+               *ends])
     return outs
 
 

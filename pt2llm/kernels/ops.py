@@ -27,7 +27,9 @@ import torch
 @torch.library.custom_op("pt2llm::ternary_linear", mutates_args=())
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                    perm: torch.Tensor, bias: Optional[torch.Tensor], n_out: int, block_size: int) -> torch.Tensor:
-    """triton_ternary.linear (its default path for x's rows) as one op."""
+    """triton_ternary.linear (its default path for x's rows) as one op. It takes no inverse
+    column order: at prefill sizes (the dequantize path) it is recomputed per call (an argsort
+    of K entries), which TernaryLinear's eager path caches; the decode paths do not use it."""
     from .triton_ternary import linear
     return linear(x, packed, alpha, mu, perm, bias, n_out, block_size)
 

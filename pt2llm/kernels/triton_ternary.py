@@ -396,15 +396,18 @@ def default_path(x2: torch.Tensor, packed, perm, block_size: int) -> str:
     return "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as rows [M, K] with unit stride along K (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def linear_group(x: torch.Tensor, layers, block_size: int) -> list[torch.Tensor]:
     """[linear(x, *layer, block_size) for layer in layers], layers = [(packed, alpha, mu, perm,
     bias, n_out), ...] that read the same x (q/k/v, gate/up): one launch of the CUDA kernel
     for all of them where it takes each (use_mma) and they share the block count and the
     column order's dtype (cuda_ternary.matmul_group); else one call each."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     from . import cuda_ternary
     if (1 < len(layers) <= cuda_ternary.MAX_GROUP
             and len({(layer[1].shape[1], layer[3].dtype) for layer in layers}) == 1
@@ -420,10 +423,8 @@ def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_siz
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
     path: "mma" (the CUDA kernel, cuda_ternary), "fused" or "prefill"; by default_path.
     inv_perm: perm's inverse (inverse_perm(perm)), for prefill; computed there when None."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead = x.shape[:-1]
+    x2 = _rows(x)
     if path is None:
         path = default_path(x2, packed, perm, block_size)
     bias = None if bias is None else bias.to(x.dtype)
