@@ -281,7 +281,7 @@ def replace_linears(model: nn.Module, qc: dict, device=None) -> None:
         lin = model.get_submodule(name)
         if isinstance(lin, TernaryLinear):
             continue
-        new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None or bool(qc.get("fit_bias")),
+        new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
                             block_size=qc["block_size"], bits=bits, device=device, packing=packing,
                             perm_packed=packed)
         parent, _, child = name.rpartition(".")
@@ -421,7 +421,7 @@ class WorkDir:
         for name in names:
             lin = layer.get_submodule(name)
             dev = lin.weight.device
-            new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None or config.fit_bias,
+            new = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                 block_size=config.block_size, bits=config.code_bits, device=dev)
             new.input_transform = getattr(lin, "input_transform", None)  # rotated layer: kept
             parent, _, child = name.rpartition(".")

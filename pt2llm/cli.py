@@ -69,10 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that its logits on the quantized model's final hidden states match the float "
                         "model's on the calibration windows (beyond the paper; a tied lm_head is untied, "
                         "which stores it apart from the embeddings)")
-    q.add_argument("--fit-bias", action="store_true",
-                   help="give every quantized linear a fitted 16-bit bias: the codes and scales are fitted "
-                        "to the calibration inputs about their mean, and the bias carries the mean output "
-                        "(beyond the paper; 16 bits per output row)")
     q.add_argument("--calib", default="c4", help="c4 | wikitext2 | ptb | PATH to a text file | synthetic (default c4)")
     q.add_argument("--nsamples", type=_positive("--nsamples"), default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=_positive("--seqlen"), default=2048, help="tokens per window (default 2048)")

@@ -82,8 +82,7 @@ def _config(args) -> driver.QuantConfig:
                               itf=not args.no_itf, aga=not args.no_aga, reorder=args.reorder,
                               max_iters=args.max_iters, percdamp=args.percdamp, seed=args.seed,
                               rotate=args.rotate, target=args.target, refine=args.refine,
-                              target_damp=args.target_damp, fit_head=args.fit_head,
-                              fit_bias=args.fit_bias)
+                              target_damp=args.target_damp, fit_head=args.fit_head)
 
 
 def _quantize(args, device: str, dist) -> int:
@@ -212,8 +211,6 @@ def inspect_dir(path) -> dict:
         parts = [sizes[f"{name}.{b}"] for b in ("packed", "alpha", "mu", "perm")]
         out_f, in_f = parts[1][0][0], _in_features(name, sizes, qc)
         nbytes = sum(p[1] for p in parts) + sizes.get(f"{name}.input_transform.signs", (0, 0))[1]
-        if qc.get("fit_bias"):  # the fitted bias is part of the quantized layer (its own bias too, conservatively)
-            nbytes += sizes[f"{name}.bias"][1]
         rows.append({"module": name, "out": out_f, "in": in_f, "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / (out_f * in_f)})
         qbytes += nbytes

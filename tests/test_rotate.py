@@ -184,7 +184,7 @@ def test_hessian_of_an_online_transformed_linear_is_that_of_its_transformed_inpu
     signs = hadamard.random_signs(n, torch.Generator().manual_seed(1))
     layer = torch.nn.Sequential(online.RotatedLinear.wrap(lin, online.OnlineHadamard(n, signs)))
     inps = [torch.randn(1, 11, n, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    H = driver._group_hessian(layer, ["0"], inps, (), {}).H
+    H = driver._group_hessian(layer, ["0"], inps, (), {})[0]
     x = torch.cat([t.reshape(-1, n) for t in inps]).double()
     xq = x @ hadamard.matrix(n, signs)
     torch.testing.assert_close(H.double(), 2 * xq.t() @ xq / x.shape[0], rtol=1e-4, atol=1e-5)

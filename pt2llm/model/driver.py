@@ -70,7 +70,6 @@ class QuantConfig:
     refine: int = 0              # sweeps of ternary/refine.py after GPTQ (0: the paper's method)
     target_damp: float | None = None  # damping of W*'s solve (--target float / residual); None: percdamp
     fit_head: bool = False       # refit the 16-bit lm_head to the float logits at the end (`fit_head`)
-    fit_bias: bool = False       # every quantized linear gets a fitted 16-bit bias (ternary/bias.py)
 
     def __post_init__(self):
         if self.method not in ternary.METHODS:
@@ -106,8 +105,6 @@ class QuantConfig:
             raise ValueError(f"--refine must be >= 0, got {self.refine}")
         if self.method == "rtn" and self.refine:
             raise ValueError("rtn uses no calibration data, so it cannot use --refine")
-        if self.method == "rtn" and self.fit_bias:
-            raise ValueError("rtn uses no calibration data, so it cannot use --fit-bias")
         if self.method == "rtn" and self.reorder == "hessian":
             raise ValueError("rtn uses no calibration data, so it cannot use --reorder hessian")
 
@@ -132,8 +129,6 @@ class QuantConfig:
             d.pop("target_damp")  # one damping for both solves, as before the option existed
         if not self.fit_head:
             d.pop("fit_head")
-        if not self.fit_bias:
-            d.pop("fit_bias")
         return d
 
     @property
@@ -449,15 +444,11 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
         groups = [[n] for n in linears] if dist is None else [list(linears)]
     results = {}
     for group in groups:
-        H = D = P = acc = None
+        H = D = P = None
         if inps is not None:
             t = time.perf_counter()
             drift = RESIDUAL_WRITERS.get(group[0]) if config.target == "residual" and len(group) == 1 else None
-            acc = _group_hessian(layer, group, inps, args, kwargs, flayer, finps, drift)
-            H, D, P = acc.H, getattr(acc, "D", None), getattr(acc, "P", None)
-            if config.fit_bias:  # fit on centered statistics; the bias takes the mean (ternary/bias.py)
-                H, D, P = ternary.bias.center(H, acc.mean, D, getattr(acc, "mean_float", None), P,
-                                              getattr(acc, "mean_drift", None))
+            H, D, P = _group_hessian(layer, group, inps, args, kwargs, flayer, finps, drift)
             stats.seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         owners = None if dist is None else dist.assign(group, linears)
@@ -486,12 +477,7 @@ def _quantize_layer(layer, quantizer, config, inps, extra, stats, prefix, bar, d
             lin, r = linears[n], got[n]
             if r.damp > config.percdamp or r.recomputed:
                 stats.damping_raised.append((f"{prefix}.{n}", r.damp, r.recomputed))
-            w_hat = r.dequantize()
-            if config.fit_bias and acc is not None:
-                b = ternary.bias.fitted_bias(lin.weight, w_hat, acc.mean, getattr(acc, "mean_float", None),
-                                             getattr(acc, "mean_drift", None), lin.bias)
-                lin.bias = nn.Parameter(b.to(device=lin.weight.device, dtype=lin.weight.dtype), requires_grad=False)
-            lin.weight.copy_(w_hat.to(lin.weight.dtype))  # later groups see it quantized
+            lin.weight.copy_(r.dequantize().to(lin.weight.dtype))  # later groups see it quantized
             results[n] = r
         stats.seconds["quantize"] += time.perf_counter() - t - shared
     for n, r in results.items():
@@ -511,12 +497,12 @@ def _round_to_fp16(module: nn.Module) -> None:
 
 
 def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, finps=None, drift=None):
-    """The accumulator of the input shared by the linears `group` of `layer`: its H = 2 X X^T / N
-    over the windows `inps` (each forward pass stopped as soon as the last linear of the group
-    is reached) and mean; with the float layer `flayer` and its stream `finps`, the cross term D
+    """(H, D, P) for the input shared by the linears `group` of `layer`: H = 2 X X^T / N over
+    the windows `inps`, each forward pass stopped as soon as the last linear of the group is
+    reached; D = None, or with the float layer `flayer` and its stream `finps` the cross term
     of `ternary.target.CrossAccumulator` (x̃ from flayer on the float stream, window by window);
-    with `drift` (the name of the module whose input is the residual stream before the group's
-    sub-layer), also the drift term P of `ternary.target.DriftAccumulator`."""
+    P = None, or with `drift` (the name of the module whose input is the residual stream
+    before the group's sub-layer) the drift term of `ternary.target.DriftAccumulator`."""
     first = layer.get_submodule(group[0])
     cross = finps is not None
     if drift is not None:
@@ -563,4 +549,4 @@ def _group_hessian(layer, group: list[str], inps, args, kwargs, flayer=None, fin
     finally:
         for h in hooks:
             h.remove()
-    return acc
+    return acc.H, (acc.D if cross else None), (acc.P if drift is not None else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import atq, baselines, bias, gptq, refine, ssr, target
+from . import atq, baselines, gptq, refine, ssr, target
 from .gptq import BlockQuantizer, HessianAccumulator, QuantResult, quantize_weight
 
 METHODS = ("pt2", "rtn", "gptq")
@@ -29,5 +29,5 @@ def make_quantizer(method: str = "pt2", *, bits: int = 2, itf: bool = True, aga:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-__all__ = ["atq", "baselines", "bias", "gptq", "refine", "ssr", "target", "BlockQuantizer", "HessianAccumulator",
+__all__ = ["atq", "baselines", "gptq", "refine", "ssr", "target", "BlockQuantizer", "HessianAccumulator",
            "QuantResult", "quantize_weight", "make_quantizer", "METHODS"]

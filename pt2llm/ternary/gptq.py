@@ -59,21 +59,17 @@ class QuantResult:
 
 
 class HessianAccumulator:
-    """H = 2 X X^T / N over all N rows of X seen so far, in float32 (running mean), and the
-    rows' mean m (for `ternary.bias`)."""
+    """H = 2 X X^T / N over all N rows of X seen so far, in float32 (running mean)."""
 
     def __init__(self, columns: int, device=None):
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.mean = torch.zeros(columns, dtype=torch.float32, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = self._rows(x)
         if x.shape[0] == 0:
             return
-        s = self._advance(x.shape[0])
-        self.mean.add_(x.sum(0), alpha=1.0 / self.n)
-        x = x * s
+        x = x * self._advance(x.shape[0])
         self.H.addmm_(x.T, x)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +85,7 @@ class HessianAccumulator:
         return math.sqrt(2.0 / self.n)
 
     def _sums(self) -> list[torch.Tensor]:
-        return [self.H, self.mean]
+        return [self.H]
 
 
 def grid_inverse(scale: torch.Tensor) -> torch.Tensor:

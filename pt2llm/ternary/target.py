@@ -34,15 +34,14 @@ from .gptq import HessianAccumulator, damped
 
 class CrossAccumulator(HessianAccumulator):
     """H = 2/N Σ xᵀx (exactly `HessianAccumulator`'s) and D = 2/N Σ (x̃ − x)ᵀ x over all N
-    token rows seen (running means, float32), and the means of x and of x̃."""
+    token rows seen (running means, float32)."""
 
     def __init__(self, columns: int, device=None):
         super().__init__(columns, device)
         self.D = torch.zeros_like(self.H)
-        self.mean_float = torch.zeros_like(self.mean)
 
     def _sums(self) -> list[torch.Tensor]:
-        return [self.H, self.D, self.mean, self.mean_float]
+        return [self.H, self.D]
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
         self._add(self._rows(x), self._rows(x_float))
@@ -55,8 +54,6 @@ class CrossAccumulator(HessianAccumulator):
         if x.shape[0] == 0:
             return None
         s = self._advance(x.shape[0])
-        self.mean.add_(x.sum(0), alpha=1.0 / self.n)
-        self.mean_float.add_(xf.sum(0), alpha=1.0 / self.n)
         x = x * s
         self.H.addmm_(x.T, x)
         self.D.addmm_((xf * s - x).T, x)
@@ -65,15 +62,14 @@ class CrossAccumulator(HessianAccumulator):
 
 class DriftAccumulator(CrossAccumulator):
     """H and D as `CrossAccumulator`, and P = 2/N Σ rᵀ x [outputs, inputs], r = h̃ − h the
-    residual stream's drift at the tokens of x, and the drift's mean."""
+    residual stream's drift at the tokens of x."""
 
     def __init__(self, columns: int, outputs: int, device=None):
         super().__init__(columns, device)
         self.P = torch.zeros(outputs, columns, dtype=torch.float32, device=self.H.device)
-        self.mean_drift = torch.zeros(outputs, dtype=torch.float32, device=self.H.device)
 
     def _sums(self) -> list[torch.Tensor]:
-        return [self.H, self.D, self.mean, self.mean_float, self.P, self.mean_drift]
+        return [self.H, self.D, self.P]
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor, drift: torch.Tensor) -> None:
         x, r = self._rows(x), self._rows(drift)
@@ -83,7 +79,6 @@ class DriftAccumulator(CrossAccumulator):
         if scaled is not None:
             s, xs = scaled
             self.P.addmm_((r * s).T, xs)
-            self.mean_drift.add_(r.sum(0), alpha=1.0 / self.n)
 
 
 def _damped_solve(H: torch.Tensor, rhs: torch.Tensor, percdamp: float) -> torch.Tensor:
