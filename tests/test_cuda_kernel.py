@@ -129,6 +129,9 @@ def test_source_compiles_without_register_spills(arch, tmp_path):
     for warps, minb in sorted(settings):
         for nt, m1 in ((1, True), (1, False), (2, False)):
             cubin = _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch, ct.options(warps, minb))
+            if arch == "90":  # the cluster fix-up (sm_90 only) compiles too
+                _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch,
+                         ct.options(warps, minb, ct.CLUSTER_MAX))
             if tool is None or (nt == 2 and warps == 8):
                 continue
             f = tmp_path / "k.cubin"
@@ -190,6 +193,51 @@ def test_matches_float64_reference(n, k, bias):
             err = float((y.double().cpu() - ref).norm() / ref.norm())
             assert err < 1e-3, (m, splits, err)
             assert torch.equal(y, ct.matmul(x.cuda(), **L, n_out=n, splits=splits))  # split order fixed
+
+
+def test_cluster_rules():
+    """When the splits are summed in a cluster (docs/results/mma-kernel, runs/12-cluster.json)."""
+    rule = lambda m, tiles, blocks, splits, cap=(9, 0): ct.cluster_splits(m, tiles, blocks, splits, 396, cap, 100)
+    assert rule(1, 13, 32, 16) == 8             # 4096x4096: 16 parts become one cluster of 8
+    assert rule(1, 13, 32, 16, (8, 0)) == 0     # no clusters before sm_90
+    assert rule(1, 13, 86, 29) == 0             # 4096x11008 at M = 1: the cap would cut 29 parts to 8
+    assert rule(4, 13, 86, 29) == 8             # ... at M = 4 the cluster is faster all the same
+    assert rule(1, 70, 32, 7) == 0              # 70 clusters of 7 would take two waves (48 at once)
+    assert ct.cluster_splits(1, 36, 32, 7, 264, (9, 0), 100) == 0  # 7B gate/up, 8 warps: 32 at once
+    assert ct.cluster_splits(1, 45, 64, 5, 264, (9, 0), 100) == 5  # 28672x8192: 48 at once
+    assert rule(1, 39, 32, 8) == 8              # 7B q/k/v
+    assert rule(1, 13, 11, 6) == 6              # a split count that cuts the blocks evenly stays
+    assert rule(1, 13, 32, 1) == 0              # nothing to sum
+    assert ct.cluster_splits(1, 13, 32, 16, 396, (9, 0), 3) == 0  # 8 parts of 4 blocks would not fit
+    assert ct._final_splits(11, 8) == 6 and ct._final_splits(32, 8) == 8
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(1000, 1408), (4864, 896), (333, 4096), (81, 96)])
+def test_the_cluster_fix_up_gives_the_global_ones_output_bit_for_bit(n, k):
+    """At one split count the cluster sums the splits as the global fix-up does (split order):
+    the same output, bit for bit, for single layers and a group launch."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90")
+    gen = torch.Generator().manual_seed(n + 7 * k)
+    L, w = _layer(n, k, gen, True)
+    L2, _ = _layer(n // 3 + 1, k, gen, False)
+    for m in (1, 3, 8, 16):
+        x = (torch.randn(m, k, generator=gen).half() + 1.0).cuda()
+        ref = x.double().cpu()[:, L["perm"].long().cpu()] @ w.T + L["bias"].double().cpu()
+        for splits in (2, 3, 5, 8):
+            a = ct.matmul(x, **L, n_out=n, splits=splits, cluster=False)
+            b = ct.matmul(x, **L, n_out=n, splits=splits, cluster=True)
+            assert torch.equal(a, b), (m, splits)
+            assert float((b.double().cpu() - ref).norm() / ref.norm()) < 1e-3
+            keys = ("packed", "alpha", "mu", "perm", "bias")
+            tup = [(*(L[key] for key in keys), n), (*(L2[key] for key in keys), n // 3 + 1)]
+            ga = ct.matmul_group(x, tup, splits=splits, cluster=False)
+            gb = ct.matmul_group(x, tup, splits=splits, cluster=True)
+            assert all(torch.equal(u, v) for u, v in zip(ga, gb)), (m, splits)
+    if -(-k // 128) >= ct.CLUSTER_MAX + 3:  # that many parts of one block or more: too many for a cluster
+        with pytest.raises(ValueError, match="cluster"):
+            ct.matmul(x, **L, n_out=n, splits=ct.CLUSTER_MAX + 3, cluster=True)
 
 
 @needs_cuda

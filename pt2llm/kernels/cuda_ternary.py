@@ -17,7 +17,10 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
   packed rows g and g + 8 and, in every block, the 32 stored columns 32 t .. 32 t + 31 of
   them (two 16-byte loads a row, the next block's loaded while this one is multiplied). A
   CTA is WARPS warps and one range of blocks (split-K; the CTA that finishes a row range
-  last sums the splits in split order, so the result does not depend on timing);
+  last sums the splits in split order, so the result does not depend on timing; on sm_90,
+  where the splits fit in one wave of clusters of at most 8, the splits of a row range are
+  one thread-block cluster instead, and its CTAs sum each other's partial sums straight from
+  shared memory, with no global buffer or counter: `cluster_splits`);
 - the mma's reduction index k only has to mean the same column in A and B, so k-step s of a
   block maps the fragment's k = 2t, 2t+1 to columns 32 t + 4 s + {0, 1} and k = 2t+8, 2t+9
   to 32 t + 4 s + {2, 3}: the byte word the lane loaded is used as is;
@@ -67,6 +70,14 @@ typedef unsigned char u8;
 #ifndef MINB2
 #define MINB2 2              // the same for M > 8
 #endif
+#ifndef CL
+#define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster (sm_90)
+#endif
+#if CL > 1
+#define CLUSTER __cluster_dims__(1, CL, 1)
+#else
+#define CLUSTER
+#endif
 #define RS 84                // words a block's row of staged activations takes (4 chunks of 16, padded)
 #define ROWS (WARPS * 80)    // weight rows a CTA
 
@@ -85,6 +96,21 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Thread-block clusters (sm_90): a barrier across the cluster's CTAs (their shared-memory
+// writes before it visible to all after it), the CTA's rank, and a load from the shared
+// memory of the CTA of another rank at the address p has in this CTA's.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
+__device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
+  u32 a = (u32)__cvta_generic_to_shared(p), r;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+  return v;
+}
+
 // Digit decoding. A packed byte q (format 2) holds d_0..d_4 (d = code + 1) so that
 // A_i = floor(3^(i+1) q / 256) = 3 A_(i-1) + d_i: multiplying the 16-bit half holding q by 3
 // leaves A_i in its high byte (3^5 q < 2^16: no carry into the next half), and one byte
@@ -95,7 +121,7 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 // Shared memory (dynamic): the CTA's activations for all its blocks, xs[row][block][RS words]
 // (XR rows: 1 when M = 1, else 8 NT), then its rows' (alpha, mu) pairs, am[block][ROWS].
 template <int NT, bool M1>
-__global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
+__global__ void CLUSTER __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
     const u16* __restrict__ x,
     const u8* __restrict__ packed0, const u8* __restrict__ packed1, const u8* __restrict__ packed2,
     const u16* __restrict__ alpha0, const u16* __restrict__ alpha1, const u16* __restrict__ alpha2,
@@ -267,6 +293,38 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
         }
     return;
   }
+#if CL > 1
+  // The splits of this column tile are one cluster (grid.y == CL, rank == blockIdx.y): each
+  // CTA leaves its sums in its own shared memory, red[m][ROWS], and after a cluster barrier
+  // CTA r sums the rows of its share over the CL CTAs in split order (as the global fix-up
+  // below: the same result, bit for bit), adds the bias and stores them.
+  __syncthreads();                 // every warp is past its last read of xs and am
+  float* red = (float*)smem;
+  #pragma unroll
+  for (int i = 0; i < 5; ++i)
+    #pragma unroll
+    for (int j = 0; j < NT; ++j)
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 5 * (warp * 16 + g + (e < 2 ? 0 : 8)) + i, m = 8 * j + 2 * t + (e & 1);
+        if (m < M) red[m * ROWS + r] = acc[i][j][e];
+      }
+  cluster_sync();
+  {
+    const int share = (ROWS + CL - 1) / CL, lo = (int)cluster_rank() * share, hi = min(lo + share, ROWS);
+    for (int idx = threadIdx.x; idx < M * (hi - lo); idx += THREADS) {
+      const int m = idx / (hi - lo), r = lo + idx % (hi - lo), n = n0 + r;
+      if (n >= N) continue;
+      float v = 0.f;
+      #pragma unroll
+      for (int s = 0; s < CL; ++s) v += ld_cluster(red + m * ROWS + r, s);
+      if (has_bias) v += h2f(bias[n]);
+      out[(long long)m * N + n] = f2h(v);
+    }
+  }
+  cluster_sync();                  // no CTA leaves while another may still read its sums
+  return;
+#endif
   float* mine = part + (long long)blockIdx.y * M * NALL + noff;
   #pragma unroll
   for (int i = 0; i < 5; ++i)
@@ -364,6 +422,8 @@ def source() -> str:
 # which split-K aims to fill; layers of `large_from` weights or more take the "large" set.
 TUNING = {"small": dict(warps=4, minb=3, slots=396), "large": dict(warps=8, minb=2, slots=264),
           "large_from": 1 << 26}
+CLUSTER_MAX = 8      # CTAs a cluster may hold on any sm_90 GPU (the portable limit)
+GPC_SMS = 16         # SMs a cluster's CTAs must share (an H100 GPC has 16 or 18; the smaller)
 RS = 84              # the kernel's words a staged row of activations takes per block
 SMEM = 48 * 1024     # dynamic shared memory a CTA may take (no opt-in needed up to here)
 
@@ -373,8 +433,8 @@ def _variant(m: int) -> tuple[int, bool]:
     return (1 if m <= 8 else 2), m == 1
 
 
-def options(warps: int, minb: int) -> list[str]:
-    return ["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"]
+def options(warps: int, minb: int, cluster: int = 1) -> list[str]:
+    return ["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"] + ([f"-DCL={cluster}"] if cluster > 1 else [])
 
 
 def _device(t: torch.Tensor) -> int:
@@ -391,10 +451,41 @@ def _compile(name: str, capability: tuple[int, int], opts: tuple[str, ...]):
                           nvcc_options=list(opts))
 
 
-def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int):
-    """The mma kernel that takes M = m rows, with these launch settings."""
+def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1):
+    """The mma kernel that takes M = m rows, with these launch settings (cluster > 1: its
+    splits are one cluster of that many CTAs)."""
     nt, m1 = _variant(m)
-    return _compile(f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", capability, tuple(options(warps, minb)))
+    return _compile(f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", capability,
+                    tuple(options(warps, minb, cluster)))
+
+
+def _final_splits(blocks: int, splits: int) -> int:
+    """The split count that cutting `blocks` into `splits` parts of equal length gives."""
+    per = -(-blocks // splits)
+    return -(-blocks // per)
+
+
+def cluster_splits(m: int, tiles: int, blocks: int, splits: int, slots: int, capability, per_cap: int,
+                   sms: int = 132) -> int:
+    """The split count of the cluster fix-up for a launch of `tiles` column tiles whose global
+    fix-up would take `splits` parts, or 0 to keep the global one. Measured on an H100
+    (docs/results/mma-kernel, runs/12-cluster.json): the cluster's sum through shared memory
+    beat the global partial sums by 4-12 % at M = 1 and 9-39 % at M = 4 when its clusters (of
+    at most CLUSTER_MAX splits) all ran at once; it lost where the cap cut a long split by more
+    than half (M = 1, 4096x11008: 29 parts to 8) or the clusters took two waves (the 7B gate/up
+    group: 36 clusters of 7 CTAs, 2 an SM). A cluster's CTAs share one GPC, so the clusters
+    that run at once are counted per GPC of GPC_SMS SMs, holding slots / sms CTAs an SM."""
+    if capability < (9, 0):
+        return 0
+    s = _final_splits(blocks, min(CLUSTER_MAX, splits))
+    if s < 2 or s > CLUSTER_MAX or -(-blocks // s) > per_cap:
+        return 0
+    at_once = (sms // GPC_SMS) * (GPC_SMS * max(1, slots // sms) // s)
+    if tiles > at_once:
+        return 0
+    if m == 1 and splits > 2 * s:
+        return 0
+    return s
 
 
 def _dequant_kernel(capability: tuple[int, int]):
@@ -437,6 +528,11 @@ def supported(x: torch.Tensor, packed: torch.Tensor, perm: torch.Tensor, block_s
 
 
 @functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
 def _counters(device_index: int, stream: int) -> torch.Tensor:
     """Per-row-range arrival counters of the split-K fix-up, one set per device and stream
     (kernels on one stream run one after the other); each call leaves them at 0. When the
@@ -455,11 +551,16 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
 MAX_GROUP = 3  # layers one launch takes (the kernel's packed0..packed2)
 
 
-def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, **over) -> list[torch.Tensor]:
+def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool | None = None,
+                 **over) -> list[torch.Tensor]:
     """One launch for up to MAX_GROUP layers that read the same x2 [M, K] (q/k/v, gate/up):
     layers = [(packed, alpha, mu, perm, bias, n_out), ...] with the same K and perm dtype,
     `supported` holding for each -> their outputs [M, n_out] fp16, in order. Each layer's
-    output is what `matmul` gives it alone, bit for bit when the split count is the same."""
+    output is what `matmul` gives it alone, bit for bit when the split count is the same.
+    cluster: how the splits are summed; None picks by `cluster_splits` when `splits` is not
+    given (then the split count may be lower than split_count's), True takes a cluster of the
+    split count (2 to CLUSTER_MAX, on sm_90), False (or None with `splits`) the global fix-up.
+    Both sum in split order: at one split count, the same output bit for bit."""
     if not 1 <= len(layers) <= MAX_GROUP:
         raise ValueError(f"the CUDA kernel takes 1 to {MAX_GROUP} layers a launch, not {len(layers)}")
     M, K = x2.shape
@@ -471,9 +572,9 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, **over) ->
         if packed.shape[1] != K or alpha.shape[1] != NB or (perm.dtype == torch.int32) != perm32:
             raise ValueError("a group's layers must share K, the block count and the column order's dtype")
     dev = _device(x2)
+    cap = torch.cuda.get_device_capability(dev)
     n_all = sum(layer[5] for layer in layers)
     settings = _settings(n_all, K, over)
-    kern = _kernel(M, torch.cuda.get_device_capability(dev), settings["warps"], settings["minb"])
     per_tile = 16 * settings["warps"]
     tiles = [-(-layer[0].shape[0] // per_tile) for layer in layers]
     if sum(tiles) > (1 << 16):
@@ -483,12 +584,23 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, **over) ->
     nt, m1 = _variant(M)
     xr, rows = (1 if m1 else 8 * nt), 80 * settings["warps"]
     per_cap = max(1, SMEM // (4 * (xr * RS + rows)))
-    splits = max(splits or split_count(sum(tiles), NB, settings["slots"]), -(-NB // per_cap))
+    given = splits is not None
+    splits = _final_splits(NB, max(splits or split_count(sum(tiles), NB, settings["slots"]), -(-NB // per_cap)))
+    cl = 0
+    if cluster is None and not given:
+        cl = cluster_splits(M, sum(tiles), NB, splits, settings["slots"], cap, per_cap, _sms(dev))
+    elif cluster and splits > 1:
+        if not (cap >= (9, 0) and splits <= CLUSTER_MAX):
+            raise ValueError(f"a cluster fix-up needs sm_90 and at most {CLUSTER_MAX} splits, not {splits}")
+        cl = splits
+    splits = cl or splits
     per = -(-NB // splits)
-    splits = -(-NB // per)
     smem = 4 * per * (xr * RS + rows)
+    if cl:
+        smem = max(smem, 4 * M * rows)  # the cluster fix-up's sums reuse the CTA's shared memory
+    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1)
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
-    part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 else outs[0]
+    part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 and not cl else outs[0]
     counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
     # the kernel's MAX_GROUP slots: unused ones repeat the last layer (never read: no tiles)
     spare = MAX_GROUP - len(layers)
