@@ -142,7 +142,7 @@ def run(args):
                 variants[p] = (lambda p=p, **c: tt.linear(x, **c, path=p), L)
             paths = paired_us(variants)
             fp16_us = paths.pop("fp16")
-            used = tt.default_path(x, L["packed"], L["perm"], 128)  # what linear() runs
+            used = tt.default_path(x, L["packed"], L["perm"], 128, L["n_out"])  # what linear() runs
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
             fp16_share = (2 * n * k + 2 * m * k + 2 * m * n) / (fp16_us * 1e-6) / bw
@@ -341,7 +341,8 @@ def write(rows, dev, date, bw, out: Path):
              "device memory; no launch gaps), median of replays; fp16 and every path of a row are replayed "
              "in turn (`paired_us`), so that the GPU's clock drift falls on all of them alike. Paths: `mma`, "
              "the CUDA kernel (kernels/cuda_ternary.py, "
-             f"the default up to M = {tt.TUNING['mma_max_m']}); `fused`, the Triton kernel (the default up to M = "
+             f"the default up to M = {tt.TUNING['mma_max_m']}, and up to 16 where its launch sums the split-K parts "
+             "in a thread-block cluster); `fused`, the Triton kernel (the default up to M = "
              f"{tt.TUNING['prefill_from_m'] - 1} after that); `prefill`, dequantize (in the original column order) + "
              "cuBLAS (larger M). Every path's time is given where it was timed. Launch settings: Triton "
              f"`{json.dumps(tt.TUNING)}`, CUDA `{json.dumps(cuda_ternary.TUNING)}`.", "",

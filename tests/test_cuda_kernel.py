@@ -131,7 +131,7 @@ def test_source_compiles_without_register_spills(arch, tmp_path):
             cubin = _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch, ct.options(warps, minb))
             if arch == "90":  # the cluster fix-up (sm_90 only) compiles too
                 _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch,
-                         ct.options(warps, minb, ct.CLUSTER_MAX))
+                         ct.options(warps, minb, 16))
             if tool is None or (nt == 2 and warps == 8):
                 continue
             f = tmp_path / "k.cubin"
@@ -159,6 +159,12 @@ def test_dispatch_rules(monkeypatch):
     perm = torch.arange(64, dtype=torch.int16)
     for m in (1, 8, 9, 16):
         assert tt.use_mma(torch.zeros(m, 64), torch.zeros(13, 64, dtype=torch.uint8), perm, 128) == (m <= 8)
+    # 9-16 rows: only a layer whose launch sums its splits in a cluster
+    for clusters in (False, True):
+        monkeypatch.setattr(ct, "clustered", lambda x2, layers: clusters)
+        for m in (1, 8, 9, 16, 17):
+            got = tt.use_mma(torch.zeros(m, 64), torch.zeros(13, 64, dtype=torch.uint8), perm, 128, n_out=65)
+            assert got == (m <= 8 or (clusters and m <= 16)), (clusters, m)
     alpha = torch.zeros(5, 70, dtype=torch.float16)
     for k in (4096, 8192, 8193, 28672):
         packed = torch.zeros(1, k, dtype=torch.uint8)
@@ -196,20 +202,26 @@ def test_matches_float64_reference(n, k, bias):
 
 
 def test_cluster_rules():
-    """When the splits are summed in a cluster (docs/results/mma-kernel, runs/12-cluster.json)."""
+    """When the splits are summed in a cluster, and of how many (docs/results/mma-kernel, runs
+    12 and 13): every cluster at once (48 of 8 CTAs, 24 of 16 with 4 warps), no cap that cuts
+    a split by more than half at M = 1."""
     rule = lambda m, tiles, blocks, splits, cap=(9, 0): ct.cluster_splits(m, tiles, blocks, splits, 396, cap, 100)
-    assert rule(1, 13, 32, 16) == 8             # 4096x4096: 16 parts become one cluster of 8
+    assert rule(1, 13, 32, 16) == 16            # 4096x4096: 16 parts, one cluster each tile
     assert rule(1, 13, 32, 16, (8, 0)) == 0     # no clusters before sm_90
-    assert rule(1, 13, 86, 29) == 0             # 4096x11008 at M = 1: the cap would cut 29 parts to 8
-    assert rule(4, 13, 86, 29) == 8             # ... at M = 4 the cluster is faster all the same
+    assert rule(1, 13, 86, 29) == 15            # 4096x11008: 29 parts into clusters of 15
+    assert rule(1, 35, 32, 11) == 8             # 11008x4096: 35 clusters of 11 take two waves, of 8 one
     assert rule(1, 70, 32, 7) == 0              # 70 clusters of 7 would take two waves (48 at once)
-    assert ct.cluster_splits(1, 36, 32, 7, 264, (9, 0), 100) == 0  # 7B gate/up, 8 warps: 32 at once
-    assert ct.cluster_splits(1, 45, 64, 5, 264, (9, 0), 100) == 5  # 28672x8192: 48 at once
     assert rule(1, 39, 32, 8) == 8              # 7B q/k/v
     assert rule(1, 13, 11, 6) == 6              # a split count that cuts the blocks evenly stays
     assert rule(1, 13, 32, 1) == 0              # nothing to sum
-    assert ct.cluster_splits(1, 13, 32, 16, 396, (9, 0), 3) == 0  # 8 parts of 4 blocks would not fit
-    assert ct._final_splits(11, 8) == 6 and ct._final_splits(32, 8) == 8
+    assert ct.cluster_splits(1, 13, 32, 40, 396, (9, 0), 100) == 0  # 40 parts: 16 would cut more than half
+    assert ct.cluster_splits(4, 13, 32, 40, 396, (9, 0), 100) == 16  # ... which M > 1 does not mind
+    assert ct.cluster_splits(1, 13, 32, 16, 396, (9, 0), 1) == 0     # parts of 2 or 4 blocks would not fit
+    large = dict(slots=264, capability=(9, 0), per_cap=100, largest=8)   # 8 warps a CTA, clusters of 8 at most
+    assert ct.cluster_splits(1, 36, 32, 7, **large) == 0   # 7B gate/up: 36 clusters of 7, 32 at once
+    assert ct.cluster_splits(1, 45, 64, 5, **large) == 5   # 28672x8192: 48 at once
+    assert ct.cluster_splits(1, 13, 224, 19, **large) == 0  # 8192x28672: 19 parts cut to 8
+    assert ct._final_splits(11, 8) == 6 and ct._final_splits(32, 8) == 8 and ct._final_splits(86, 16) == 15
 
 
 @needs_cuda
@@ -225,7 +237,7 @@ def test_the_cluster_fix_up_gives_the_global_ones_output_bit_for_bit(n, k):
     for m in (1, 3, 8, 16):
         x = (torch.randn(m, k, generator=gen).half() + 1.0).cuda()
         ref = x.double().cpu()[:, L["perm"].long().cpu()] @ w.T + L["bias"].double().cpu()
-        for splits in (2, 3, 5, 8):
+        for splits in (2, 3, 5, 8, 11, 16):
             a = ct.matmul(x, **L, n_out=n, splits=splits, cluster=False)
             b = ct.matmul(x, **L, n_out=n, splits=splits, cluster=True)
             assert torch.equal(a, b), (m, splits)
@@ -235,9 +247,9 @@ def test_the_cluster_fix_up_gives_the_global_ones_output_bit_for_bit(n, k):
             ga = ct.matmul_group(x, tup, splits=splits, cluster=False)
             gb = ct.matmul_group(x, tup, splits=splits, cluster=True)
             assert all(torch.equal(u, v) for u, v in zip(ga, gb)), (m, splits)
-    if -(-k // 128) >= ct.CLUSTER_MAX + 3:  # that many parts of one block or more: too many for a cluster
+    if -(-k // 128) > 16:  # a part a block: more than a cluster takes
         with pytest.raises(ValueError, match="cluster"):
-            ct.matmul(x, **L, n_out=n, splits=ct.CLUSTER_MAX + 3, cluster=True)
+            ct.matmul(x, **L, n_out=n, splits=-(-k // 128), cluster=True)
 
 
 @needs_cuda
@@ -247,6 +259,13 @@ def test_dispatch(monkeypatch):
     x = torch.randn(4, 512).half().cuda()
     assert tt.use_mma(x, L["packed"], L["perm"], 128)
     assert not tt.use_mma(torch.randn(9, 512).half().cuda(), L["packed"], L["perm"], 128)  # fused beyond 8 rows
+    if torch.cuda.get_device_capability() >= (9, 0):  # ... unless the launch sums in a cluster
+        big, _ = _layer(4096, 4096, gen, False)
+        x16 = torch.randn(16, 4096).half().cuda()
+        assert ct.clustered(x16, [(big["packed"], 4096)])
+        assert tt.use_mma(x16, big["packed"], big["perm"], 128, 4096)
+        assert tt.default_path(x16, big["packed"], big["perm"], 128, 4096) == "mma"
+        assert not tt.use_mma(torch.randn(17, 4096).half().cuda(), big["packed"], big["perm"], 128, 4096)
     assert not tt.use_mma(x.bfloat16(), L["packed"], L["perm"], 128)  # bf16: fused
     assert not tt.use_mma(x[:, :500].contiguous(), L["packed"][:, :500].contiguous(), L["perm"][:500], 128)
     monkeypatch.setenv("PT2LLM_CUDA_KERNEL", "0")

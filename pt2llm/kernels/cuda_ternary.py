@@ -18,9 +18,9 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
   them (two 16-byte loads a row, the next block's loaded while this one is multiplied). A
   CTA is WARPS warps and one range of blocks (split-K; the CTA that finishes a row range
   last sums the splits in split order, so the result does not depend on timing; on sm_90,
-  where the splits fit in one wave of clusters of at most 8, the splits of a row range are
-  one thread-block cluster instead, and its CTAs sum each other's partial sums straight from
-  shared memory, with no global buffer or counter: `cluster_splits`);
+  where the splits fit in one wave of clusters (of up to 16 CTAs), the splits of a row range
+  are one thread-block cluster instead, and its CTAs sum each other's partial sums straight
+  from shared memory, with no global buffer or counter: `cluster_splits`);
 - the mma's reduction index k only has to mean the same column in A and B, so k-step s of a
   block maps the fragment's k = 2t, 2t+1 to columns 32 t + 4 s + {0, 1} and k = 2t+8, 2t+9
   to 32 t + 4 s + {2, 3}: the byte word the lane loaded is used as is;
@@ -50,6 +50,7 @@ of it must not run at the same time on one stream (they cannot: a stream runs in
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -71,13 +72,8 @@ typedef unsigned char u8;
 #define MINB2 2              // the same for M > 8
 #endif
 #ifndef CL
-#define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster (sm_90)
-#endif
-#if CL > 1
-#define CLUSTER __cluster_dims__(1, CL, 1)
-#else
-#define CLUSTER
-#endif
+#define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster
+#endif                       // (sm_90; launched with cluster dims (1, CL, 1): _launch_cluster)
 #define RS 84                // words a block's row of staged activations takes (4 chunks of 16, padded)
 #define ROWS (WARPS * 80)    // weight rows a CTA
 
@@ -121,7 +117,7 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
 // Shared memory (dynamic): the CTA's activations for all its blocks, xs[row][block][RS words]
 // (XR rows: 1 when M = 1, else 8 NT), then its rows' (alpha, mu) pairs, am[block][ROWS].
 template <int NT, bool M1>
-__global__ void CLUSTER __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
+__global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
     const u16* __restrict__ x,
     const u8* __restrict__ packed0, const u8* __restrict__ packed1, const u8* __restrict__ packed2,
     const u16* __restrict__ alpha0, const u16* __restrict__ alpha1, const u16* __restrict__ alpha2,
@@ -418,11 +414,12 @@ def source() -> str:
 
 
 # Launch settings, from H100 sweeps (docs/results/mma-kernel): warps a CTA, the CTAs an SM is
-# asked to hold (registers: 65536 / (32 warps minb)), and the CTAs the GPU runs at once,
-# which split-K aims to fill; layers of `large_from` weights or more take the "large" set.
-TUNING = {"small": dict(warps=4, minb=3, slots=396), "large": dict(warps=8, minb=2, slots=264),
-          "large_from": 1 << 26}
-CLUSTER_MAX = 8      # CTAs a cluster may hold on any sm_90 GPU (the portable limit)
+# asked to hold (registers: 65536 / (32 warps minb)), the CTAs the GPU runs at once, which
+# split-K aims to fill, and the most CTAs a cluster fix-up takes (above 8, sm_90's portable
+# limit, the driver is asked for non-portable sizes: 16 measured faster than 8 with 4 warps,
+# slower with 8); layers of `large_from` weights or more take the "large" set.
+TUNING = {"small": dict(warps=4, minb=3, slots=396, cluster=16),
+          "large": dict(warps=8, minb=2, slots=264, cluster=8), "large_from": 1 << 26}
 GPC_SMS = 16         # SMs a cluster's CTAs must share (an H100 GPC has 16 or 18; the smaller)
 RS = 84              # the kernel's words a staged row of activations takes per block
 SMEM = 48 * 1024     # dynamic shared memory a CTA may take (no opt-in needed up to here)
@@ -466,26 +463,25 @@ def _final_splits(blocks: int, splits: int) -> int:
 
 
 def cluster_splits(m: int, tiles: int, blocks: int, splits: int, slots: int, capability, per_cap: int,
-                   sms: int = 132) -> int:
+                   sms: int = 132, largest: int = 16) -> int:
     """The split count of the cluster fix-up for a launch of `tiles` column tiles whose global
     fix-up would take `splits` parts, or 0 to keep the global one. Measured on an H100
-    (docs/results/mma-kernel, runs/12-cluster.json): the cluster's sum through shared memory
-    beat the global partial sums by 4-12 % at M = 1 and 9-39 % at M = 4 when its clusters (of
-    at most CLUSTER_MAX splits) all ran at once; it lost where the cap cut a long split by more
-    than half (M = 1, 4096x11008: 29 parts to 8) or the clusters took two waves (the 7B gate/up
-    group: 36 clusters of 7 CTAs, 2 an SM). A cluster's CTAs share one GPC, so the clusters
-    that run at once are counted per GPC of GPC_SMS SMs, holding slots / sms CTAs an SM."""
+    (docs/results/mma-kernel, runs 12 and 13): the cluster's sum through shared memory beat
+    the global partial sums by 4-12 % at M = 1 and 9-39 % at M = 4 when its clusters all ran
+    at once; it lost where a cap cut a long split by more than half (M = 1, 4096x11008: 29
+    parts to 8) or the clusters took two waves (the 7B gate/up group: 36 clusters of 7 CTAs,
+    2 an SM). A cluster's CTAs share one GPC, so the clusters that run at once are counted per
+    GPC of GPC_SMS SMs, holding slots / sms CTAs an SM. The split count is capped at `largest`
+    (TUNING's "cluster"), and at 8 where that cap takes two waves."""
     if capability < (9, 0):
         return 0
-    s = _final_splits(blocks, min(CLUSTER_MAX, splits))
-    if s < 2 or s > CLUSTER_MAX or -(-blocks // s) > per_cap:
-        return 0
-    at_once = (sms // GPC_SMS) * (GPC_SMS * max(1, slots // sms) // s)
-    if tiles > at_once:
-        return 0
-    if m == 1 and splits > 2 * s:
-        return 0
-    return s
+    for limit in sorted({largest, min(largest, 8)}, reverse=True):
+        s = _final_splits(blocks, min(limit, splits))
+        if s < 2 or -(-blocks // s) > per_cap or (m == 1 and splits > 2 * s):
+            continue
+        if tiles <= (sms // GPC_SMS) * (GPC_SMS * max(1, slots // sms) // s):
+            return s
+    return 0
 
 
 def _dequant_kernel(capability: tuple[int, int]):
@@ -527,6 +523,52 @@ def supported(x: torch.Tensor, packed: torch.Tensor, perm: torch.Tensor, block_s
     return _available(_device(x))
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+_CLUSTER_DIMENSION = 4          # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+_NON_PORTABLE_CLUSTERS = 14     # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+
+
+@functools.cache
+def _cluster_launch() -> bool:
+    """Whether the driver has cuLaunchKernelEx (CUDA 12), which cluster launches take."""
+    try:
+        from torch.cuda._utils import _get_gpu_runtime_library
+        return hasattr(_get_gpu_runtime_library(), "cuLaunchKernelEx")
+    except Exception:
+        return False
+
+
+def _launch_cluster(kern, grid, block, shared_mem: int, args, cluster: int) -> None:
+    """Launch `kern` (from torch.cuda._compile_kernel) with cluster dims (1, cluster, 1) on the
+    current stream, its arguments passed as torch's launcher passes them (tensors as device
+    pointers, Python ints as C ints). Sizes above 8 are allowed on the function first."""
+    from torch.cuda._utils import _get_gpu_runtime_library
+    lib = _get_gpu_runtime_library()
+    if cluster > 8 and not getattr(kern, "_pt2llm_large_clusters", False):
+        rc = lib.cuFuncSetAttribute(kern.func, _NON_PORTABLE_CLUSTERS, 1)
+        if rc != 0:
+            raise RuntimeError(f"cuFuncSetAttribute(non-portable cluster size) failed with CUDA error {rc}")
+        kern._pt2llm_large_clusters = True
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
+    attr.value[0], attr.value[1], attr.value[2] = 1, cluster, 1
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
+    rc = lib.cuLaunchKernelEx(ctypes.byref(config), kern.func, pointers, None)
+    if rc != 0:
+        raise RuntimeError(f"cuLaunchKernelEx (a cluster of {cluster}) failed with CUDA error {rc}")
+
+
 @functools.cache
 def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -551,6 +593,44 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
 MAX_GROUP = 3  # layers one launch takes (the kernel's packed0..packed2)
 
 
+def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_all: int, dev: int, splits: int | None = None,
+          cluster: bool | None = None, over: dict | None = None):
+    """(settings, tiles per layer, split count, cluster size or 0) of a launch for M rows of
+    layers with these packed row counts and n_all outputs in all (see matmul_group)."""
+    cap = torch.cuda.get_device_capability(dev)
+    settings = _settings(n_all, K, over or {})
+    per_tile = 16 * settings["warps"]
+    tiles = [-(-g // per_tile) for g in packed_rows]
+    if sum(tiles) > (1 << 16):
+        raise ValueError(f"layers too tall for the CUDA kernel: {n_all} rows")
+    # shared memory: the activations (XR rows) and the (alpha, mu) pairs of every block the CTA
+    # takes; at most SMEM bytes, which bounds the blocks a CTA takes
+    nt, m1 = _variant(M)
+    xr, rows = (1 if m1 else 8 * nt), 80 * settings["warps"]
+    per_cap = max(1, SMEM // (4 * (xr * RS + rows)))
+    given = splits is not None
+    splits = _final_splits(NB, max(splits or split_count(sum(tiles), NB, settings["slots"]), -(-NB // per_cap)))
+    cl = 0
+    if cluster is None and not given and _cluster_launch():
+        slots = settings["slots"] if M <= 8 else settings["slots"] * 2 // settings["minb"]  # MINB2 = 2 above 8 rows
+        cl = cluster_splits(M, sum(tiles), NB, splits, slots, cap, per_cap, _sms(dev), settings["cluster"])
+    elif cluster and splits > 1:
+        if not (cap >= (9, 0) and _cluster_launch() and splits <= settings["cluster"]):
+            raise ValueError(f"a cluster fix-up needs sm_90, CUDA 12 and at most {settings['cluster']} "
+                             f"splits, not {splits}")
+        cl = splits
+    return settings, tiles, cl or splits, cl
+
+
+def clustered(x2: torch.Tensor, layers) -> bool:
+    """Whether matmul_group's default launch for these layers ([(packed, n_out), ...]) sums
+    its splits in a cluster: where it does, the kernel is faster than the Triton one at 9-16
+    rows too (docs/results/kernels.md, M = 16)."""
+    M, K = x2.shape
+    return _plan(M, K, -(-K // 128), [p.shape[0] for p, _ in layers], sum(n for _, n in layers), _device(x2))[3] > 0
+
+
+
 def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool | None = None,
                  **over) -> list[torch.Tensor]:
     """One launch for up to MAX_GROUP layers that read the same x2 [M, K] (q/k/v, gate/up):
@@ -559,7 +639,8 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     output is what `matmul` gives it alone, bit for bit when the split count is the same.
     cluster: how the splits are summed; None picks by `cluster_splits` when `splits` is not
     given (then the split count may be lower than split_count's), True takes a cluster of the
-    split count (2 to CLUSTER_MAX, on sm_90), False (or None with `splits`) the global fix-up.
+    split count (2 to the settings' "cluster", on sm_90), False (or None with `splits`) the
+    global fix-up.
     Both sum in split order: at one split count, the same output bit for bit."""
     if not 1 <= len(layers) <= MAX_GROUP:
         raise ValueError(f"the CUDA kernel takes 1 to {MAX_GROUP} layers a launch, not {len(layers)}")
@@ -574,26 +655,10 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     dev = _device(x2)
     cap = torch.cuda.get_device_capability(dev)
     n_all = sum(layer[5] for layer in layers)
-    settings = _settings(n_all, K, over)
-    per_tile = 16 * settings["warps"]
-    tiles = [-(-layer[0].shape[0] // per_tile) for layer in layers]
-    if sum(tiles) > (1 << 16):
-        raise ValueError(f"layers too tall for the CUDA kernel: {n_all} rows")
-    # shared memory: the activations (XR rows) and the (alpha, mu) pairs of every block the CTA
-    # takes; at most SMEM bytes, which bounds the blocks a CTA takes
+    settings, tiles, splits, cl = _plan(M, K, NB, [layer[0].shape[0] for layer in layers], n_all, dev, splits,
+                                        cluster, over)
     nt, m1 = _variant(M)
     xr, rows = (1 if m1 else 8 * nt), 80 * settings["warps"]
-    per_cap = max(1, SMEM // (4 * (xr * RS + rows)))
-    given = splits is not None
-    splits = _final_splits(NB, max(splits or split_count(sum(tiles), NB, settings["slots"]), -(-NB // per_cap)))
-    cl = 0
-    if cluster is None and not given:
-        cl = cluster_splits(M, sum(tiles), NB, splits, settings["slots"], cap, per_cap, _sms(dev))
-    elif cluster and splits > 1:
-        if not (cap >= (9, 0) and splits <= CLUSTER_MAX):
-            raise ValueError(f"a cluster fix-up needs sm_90 and at most {CLUSTER_MAX} splits, not {splits}")
-        cl = splits
-    splits = cl or splits
     per = -(-NB // splits)
     smem = 4 * per * (xr * RS + rows)
     if cl:
@@ -610,9 +675,12 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     n = [layer[5] for layer in layers] + [0] * spare
     bias_mask = sum(1 << i for i, layer in enumerate(layers) if layer[4] is not None)
     ends = [sum(tiles[:1]), sum(tiles[:2])]
-    kern(grid=(sum(tiles), splits, 1), block=(32 * settings["warps"], 1, 1), shared_mem=smem,
-         args=[x2, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask,
-               *ends])
+    grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
+    args = [x2, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
+    if cl:
+        _launch_cluster(kern, grid, block, smem, args, cl)
+    else:
+        kern(grid=grid, block=block, shared_mem=smem, args=args)
     return outs
 
 

@@ -378,20 +378,27 @@ def use_cuda_dequant(packed, alpha, inv_perm, block_size: int, dtype) -> bool:
     return cuda_ternary.dequant_supported(packed, alpha, inv_perm, block_size, dtype)
 
 
-def use_mma(x2: torch.Tensor, packed, perm, block_size: int) -> bool:
+def use_mma(x2: torch.Tensor, packed, perm, block_size: int, n_out: int | None = None) -> bool:
     """Whether the CUDA mma kernel (cuda_ternary) takes these rows by default: up to
-    TUNING["mma_max_m"] rows, where it measured faster than the fused kernel, when it
-    compiles here and takes the shapes (cuda_ternary.supported), unless PT2LLM_CUDA_KERNEL=0."""
-    if x2.shape[0] > TUNING["mma_max_m"] or os.environ.get("PT2LLM_CUDA_KERNEL", "1") == "0":
+    TUNING["mma_max_m"] rows, where it measured faster than the fused kernel, and up to 16 for
+    a layer of n_out outputs whose launch sums its splits in a thread-block cluster
+    (cuda_ternary.clustered: faster there too), when it compiles here and takes the shapes
+    (cuda_ternary.supported), unless PT2LLM_CUDA_KERNEL=0."""
+    m = x2.shape[0]
+    if m > 16 or os.environ.get("PT2LLM_CUDA_KERNEL", "1") == "0":
+        return False
+    if m > TUNING["mma_max_m"] and n_out is None:
         return False
     from . import cuda_ternary
-    return cuda_ternary.supported(x2, packed, perm, block_size)
+    if not cuda_ternary.supported(x2, packed, perm, block_size):
+        return False
+    return m <= TUNING["mma_max_m"] or cuda_ternary.clustered(x2, [(packed, n_out)])
 
 
-def default_path(x2: torch.Tensor, packed, perm, block_size: int) -> str:
-    """The path `linear` takes for rows x2 [M, K]: "mma" up to TUNING["mma_max_m"] rows where
-    it is available (use_mma), else "fused" below TUNING["prefill_from_m"] rows, else "prefill"."""
-    if use_mma(x2, packed, perm, block_size):
+def default_path(x2: torch.Tensor, packed, perm, block_size: int, n_out: int | None = None) -> str:
+    """The path `linear` takes for rows x2 [M, K]: "mma" where use_mma says so, else "fused"
+    below TUNING["prefill_from_m"] rows, else "prefill"."""
+    if use_mma(x2, packed, perm, block_size, n_out):
         return "mma"
     return "fused" if x2.shape[0] < TUNING["prefill_from_m"] else "prefill"
 
@@ -411,7 +418,8 @@ def linear_group(x: torch.Tensor, layers, block_size: int) -> list[torch.Tensor]
     from . import cuda_ternary
     if (1 < len(layers) <= cuda_ternary.MAX_GROUP
             and len({(layer[1].shape[1], layer[3].dtype) for layer in layers}) == 1
-            and all(use_mma(x2, layer[0], layer[3], block_size) for layer in layers)):
+            and all(use_mma(x2, layer[0], layer[3], block_size, layer[5]) for layer in layers)
+            and (x2.shape[0] <= TUNING["mma_max_m"] or cuda_ternary.clustered(x2, [(p[0], p[5]) for p in layers]))):
         outs = cuda_ternary.matmul_group(
             x2, [(p, a, m, pm, None if b is None else b.to(x.dtype), n) for p, a, m, pm, b, n in layers])
         return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
@@ -426,7 +434,7 @@ def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_siz
     lead = x.shape[:-1]
     x2 = _rows(x)
     if path is None:
-        path = default_path(x2, packed, perm, block_size)
+        path = default_path(x2, packed, perm, block_size, n_out)
     bias = None if bias is None else bias.to(x.dtype)
     if path == "mma":
         from . import cuda_ternary

@@ -6,9 +6,9 @@ a counter and the last CTA's sum. Variants at M = 1 and 4:
   (w2: the same with 2 warps a CTA, so twice the column tiles)"""
 import os, sys, json
 import torch
-sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks")); sys.path.insert(0, os.path.join(os.getcwd(), ".run"))
+sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
 import kernels as bk
-from timing import paired
+from kernels import paired_us as paired  # the runs used an equivalent helper with 21 replays instead of 15
 from pt2llm.kernels import cuda_ternary as ct
 from pt2llm.kernels.triton_ternary import split_count
 BASE = ct._SRC
