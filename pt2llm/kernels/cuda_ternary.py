@@ -571,6 +571,7 @@ def _launch_cluster(kern, grid, block, shared_mem: int, args, cluster: int) -> N
 
 @functools.cache
 def _sms(device_index: int) -> int:
+    """The device's SM count."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -628,7 +629,6 @@ def clustered(x2: torch.Tensor, layers) -> bool:
     rows too (docs/results/kernels.md, M = 16)."""
     M, K = x2.shape
     return _plan(M, K, -(-K // 128), [p.shape[0] for p, _ in layers], sum(n for _, n in layers), _device(x2))[3] > 0
-
 
 
 def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool | None = None,
