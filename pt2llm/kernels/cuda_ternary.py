@@ -596,8 +596,9 @@ MAX_GROUP = 3  # layers one launch takes (the kernel's packed0..packed2)
 
 def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_all: int, dev: int, splits: int | None = None,
           cluster: bool | None = None, over: dict | None = None):
-    """(settings, tiles per layer, split count, cluster size or 0) of a launch for M rows of
-    layers with these packed row counts and n_all outputs in all (see matmul_group)."""
+    """(settings, tiles per layer, split count, cluster size or 0, dynamic shared memory) of a
+    launch for M rows of layers with these packed row counts and n_all outputs in all (see
+    matmul_group)."""
     cap = torch.cuda.get_device_capability(dev)
     settings = _settings(n_all, K, over or {})
     per_tile = 16 * settings["warps"]
@@ -620,7 +621,11 @@ def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_all: int, dev: int,
             raise ValueError(f"a cluster fix-up needs sm_90, CUDA 12 and at most {settings['cluster']} "
                              f"splits, not {splits}")
         cl = splits
-    return settings, tiles, cl or splits, cl
+    splits = cl or splits
+    smem = 4 * -(-NB // splits) * (xr * RS + rows)
+    if cl:
+        smem = max(smem, 4 * M * rows)  # the cluster fix-up's sums reuse the CTA's shared memory
+    return settings, tiles, splits, cl, smem
 
 
 def clustered(x2: torch.Tensor, layers) -> bool:
@@ -655,14 +660,9 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     dev = _device(x2)
     cap = torch.cuda.get_device_capability(dev)
     n_all = sum(layer[5] for layer in layers)
-    settings, tiles, splits, cl = _plan(M, K, NB, [layer[0].shape[0] for layer in layers], n_all, dev, splits,
-                                        cluster, over)
-    nt, m1 = _variant(M)
-    xr, rows = (1 if m1 else 8 * nt), 80 * settings["warps"]
+    settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers], n_all, dev,
+                                              splits, cluster, over)
     per = -(-NB // splits)
-    smem = 4 * per * (xr * RS + rows)
-    if cl:
-        smem = max(smem, 4 * M * rows)  # the cluster fix-up's sums reuse the CTA's shared memory
     kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1)
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
     part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 and not cl else outs[0]
