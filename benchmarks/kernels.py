@@ -345,7 +345,9 @@ def write(rows, dev, date, bw, out: Path):
              "in a thread-block cluster); `fused`, the Triton kernel (the default up to M = "
              f"{tt.TUNING['prefill_from_m'] - 1} after that); `prefill`, dequantize (in the original column order) + "
              "cuBLAS (larger M). Every path's time is given where it was timed. Launch settings: Triton "
-             f"`{json.dumps(tt.TUNING)}`, CUDA `{json.dumps(cuda_ternary.TUNING)}`.", "",
+             f"`{json.dumps(tt.TUNING)}`, CUDA `{json.dumps(cuda_ternary.TUNING)}`, and for the shapes "
+             "that `pt2llm/kernels/cuda_tuned.json` lists for this GPU (benchmarks/tune_cuda.py), its "
+             "settings.", "",
              "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | mma µs | fused µs | "
              "dequant+cuBLAS µs |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -52,6 +52,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -418,8 +421,12 @@ def source() -> str:
 # split-K aims to fill, and the most CTAs a cluster fix-up takes (above 8, sm_90's portable
 # limit, the driver is asked for non-portable sizes: 16 measured faster than 8 with 4 warps,
 # slower with 8); layers of `large_from` weights or more take the "large" set.
-TUNING = {"small": dict(warps=4, minb=3, slots=396, cluster=16),
-          "large": dict(warps=8, minb=2, slots=264, cluster=8), "large_from": 1 << 26}
+TUNING = {"small": dict(warps=4, minb=3, slots=396, max_cluster=16),
+          "large": dict(warps=8, minb=2, slots=264, max_cluster=8), "large_from": 1 << 26}
+# Per layer shape, the settings that measured fastest on a GPU (benchmarks/tune_cuda.py writes
+# them; PT2LLM_CUDA_TUNED=0 ignores them): {GPU name: {rows ("1": M = 1, "8": M = 2..8):
+# {shape_key: settings}}}, each overriding TUNING's for launches of exactly those layers.
+TUNED_FILE = Path(__file__).with_name("cuda_tuned.json")
 GPC_SMS = 16         # SMs a cluster's CTAs must share (an H100 GPC has 16 or 18; the smaller)
 RS = 84              # the kernel's words a staged row of activations takes per block
 SMEM = 48 * 1024     # dynamic shared memory a CTA may take (no opt-in needed up to here)
@@ -472,7 +479,7 @@ def cluster_splits(m: int, tiles: int, blocks: int, splits: int, slots: int, cap
     parts to 8) or the clusters took two waves (the 7B gate/up group: 36 clusters of 7 CTAs,
     2 an SM). A cluster's CTAs share one GPC, so the clusters that run at once are counted per
     GPC of GPC_SMS SMs, holding slots / sms CTAs an SM. The split count is capped at `largest`
-    (TUNING's "cluster"), and at 8 where that cap takes two waves."""
+    (TUNING's "max_cluster"), and at 8 where that cap takes two waves."""
     if capability < (9, 0):
         return 0
     for limit in sorted({largest, min(largest, 8)}, reverse=True):
@@ -488,9 +495,39 @@ def _dequant_kernel(capability: tuple[int, int]):
     return _compile("dequant_original", capability, ("-std=c++17",))
 
 
-def _settings(n_out: int, K: int, over: dict) -> dict:
-    """The launch settings for an n_out x K layer, `over` overriding TUNING's."""
-    return {**TUNING["large" if n_out * K >= TUNING["large_from"] else "small"], **over}
+def shape_key(n_outs, K: int) -> str:
+    """The tuned table's key of a launch for layers of these output sizes reading K inputs."""
+    return "+".join(str(n) for n in n_outs) + f"x{K}"
+
+
+def rows_key(m: int) -> str | None:
+    """The tuned table's row bucket of an M-row launch (the compiled variant it takes)."""
+    return "1" if m == 1 else ("8" if m <= 8 else None)
+
+
+@functools.cache
+def tuned_table() -> dict:
+    """The shipped per-shape settings (TUNED_FILE), {} where there is none."""
+    try:
+        return json.loads(TUNED_FILE.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+@functools.cache
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def _settings(n_outs, K: int, m: int, device_name: str | None, over: dict) -> dict:
+    """The launch settings for M = m rows of layers with these output sizes reading K inputs:
+    TUNING's by size, the tuned table's for this GPU and shape where it has some (unless
+    PT2LLM_CUDA_TUNED=0), `over` overriding both."""
+    settings = TUNING["large" if sum(n_outs) * K >= TUNING["large_from"] else "small"]
+    tuned = {}
+    if device_name is not None and rows_key(m) and os.environ.get("PT2LLM_CUDA_TUNED", "1") != "0":
+        tuned = tuned_table().get(device_name, {}).get(rows_key(m), {}).get(shape_key(n_outs, K), {})
+    return {**settings, **tuned, **over}
 
 
 @functools.cache
@@ -594,17 +631,17 @@ def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: 
 MAX_GROUP = 3  # layers one launch takes (the kernel's packed0..packed2)
 
 
-def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_all: int, dev: int, splits: int | None = None,
+def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_outs: list[int], dev: int, splits: int | None = None,
           cluster: bool | None = None, over: dict | None = None):
     """(settings, tiles per layer, split count, cluster size or 0, dynamic shared memory) of a
-    launch for M rows of layers with these packed row counts and n_all outputs in all (see
+    launch for M rows of layers with these packed row counts and output sizes (see
     matmul_group)."""
     cap = torch.cuda.get_device_capability(dev)
-    settings = _settings(n_all, K, over or {})
+    settings = _settings(n_outs, K, M, _device_name(dev), over or {})
     per_tile = 16 * settings["warps"]
     tiles = [-(-g // per_tile) for g in packed_rows]
     if sum(tiles) > (1 << 16):
-        raise ValueError(f"layers too tall for the CUDA kernel: {n_all} rows")
+        raise ValueError(f"layers too tall for the CUDA kernel: {sum(n_outs)} rows")
     # shared memory: the activations (XR rows) and the (alpha, mu) pairs of every block the CTA
     # takes; at most SMEM bytes, which bounds the blocks a CTA takes
     nt, m1 = _variant(M)
@@ -615,10 +652,10 @@ def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_all: int, dev: int,
     cl = 0
     if cluster is None and not given and _cluster_launch():
         slots = settings["slots"] if M <= 8 else settings["slots"] * 2 // settings["minb"]  # MINB2 = 2 above 8 rows
-        cl = cluster_splits(M, sum(tiles), NB, splits, slots, cap, per_cap, _sms(dev), settings["cluster"])
+        cl = cluster_splits(M, sum(tiles), NB, splits, slots, cap, per_cap, _sms(dev), settings["max_cluster"])
     elif cluster and splits > 1:
-        if not (cap >= (9, 0) and _cluster_launch() and splits <= settings["cluster"]):
-            raise ValueError(f"a cluster fix-up needs sm_90, CUDA 12 and at most {settings['cluster']} "
+        if not (cap >= (9, 0) and _cluster_launch() and splits <= settings["max_cluster"]):
+            raise ValueError(f"a cluster fix-up needs sm_90, CUDA 12 and at most {settings['max_cluster']} "
                              f"splits, not {splits}")
         cl = splits
     splits = cl or splits
@@ -633,7 +670,7 @@ def clustered(x2: torch.Tensor, layers) -> bool:
     its splits in a cluster: where it does, the kernel is faster than the Triton one at 9-16
     rows too (docs/results/kernels.md, M = 16)."""
     M, K = x2.shape
-    return _plan(M, K, -(-K // 128), [p.shape[0] for p, _ in layers], sum(n for _, n in layers), _device(x2))[3] > 0
+    return _plan(M, K, -(-K // 128), [p.shape[0] for p, _ in layers], [n for _, n in layers], _device(x2))[3] > 0
 
 
 def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool | None = None,
@@ -644,7 +681,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     output is what `matmul` gives it alone, bit for bit when the split count is the same.
     cluster: how the splits are summed; None picks by `cluster_splits` when `splits` is not
     given (then the split count may be lower than split_count's), True takes a cluster of the
-    split count (2 to the settings' "cluster", on sm_90), False (or None with `splits`) the
+    split count (2 to the settings' "max_cluster", on sm_90), False (or None with `splits`) the
     global fix-up.
     Both sum in split order: at one split count, the same output bit for bit."""
     if not 1 <= len(layers) <= MAX_GROUP:
@@ -660,8 +697,8 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     dev = _device(x2)
     cap = torch.cuda.get_device_capability(dev)
     n_all = sum(layer[5] for layer in layers)
-    settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers], n_all, dev,
-                                              splits, cluster, over)
+    settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers],
+                                              [layer[5] for layer in layers], dev, splits, cluster, over)
     per = -(-NB // splits)
     kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1)
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
