@@ -5,12 +5,15 @@ where the package reads them (pt2llm/kernels/cuda_tuned.json, `cuda_ternary.TUNE
     PYTHONPATH=$PWD python3 benchmarks/tune_cuda.py --shapes 896x896 4864x896 896+128+128x896
 
 For each shape (one layer "NxK", or layers one launch takes, "N1+N2+N3xK": q/k/v, gate/up) and
-M = 1 and 4 (the kernel's M = 1 and M = 2..8 variants), the candidates below are timed in turn
-against the size rule's default (`cuda_ternary.TUNING`) with benchmarks/kernels.py's paired
-CUDA-graph replay, each checked against the reference product. A candidate enters the table
-only where it beats the default by more than `--margin` (3 %: the replay's spread); elsewhere
-the default stays. Candidates differ in warps a CTA, CTAs an SM (`minb`: registers capped at
-65536 / (32 warps minb)), the CTAs split-K aims at (slots: SMs x minb) and the largest cluster.
+M = 1, 4 and 16 (the kernel's M = 1, M = 2..8 and M = 9..16 variants), the candidates below are
+timed in turn against what the package runs without the table (the size rule's settings,
+`cuda_ternary.TUNING`; at M = 16 the Triton kernel unless the launch sums in a cluster) with
+benchmarks/kernels.py's paired CUDA-graph replay, each checked against the reference product.
+A candidate enters the table only where it beats that by more than `--margin` (3 %: the
+replay's spread); elsewhere the default stays. Candidates differ in warps a CTA, CTAs an SM
+(`minb`, at M = 16 `minb2`: registers capped at 65536 / (32 warps minb)), the CTAs split-K aims
+at (slots: SMs x minb) and the largest cluster. At M = 16 only candidates whose launch sums in
+a cluster count: the package takes the CUDA kernel for 9-16 rows only then (`clustered`).
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import GROUPS, SHAPES, check, make_layer, paired_us  # noqa: E402
 
 from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
+from pt2llm.kernels import triton_ternary as tt  # noqa: E402
 
 CANDIDATES = [(4, 3, 16), (8, 2, 8), (8, 3, 8), (8, 3, 16), (4, 4, 16), (4, 5, 16), (4, 6, 16)]  # warps, minb, max_cluster
+CANDIDATES16 = [(4, 2, 16), (4, 3, 16), (4, 4, 16), (8, 2, 8), (8, 2, 16)]  # warps, minb2, max_cluster (M = 9..16)
 
 
 def parse_shape(text: str) -> tuple[list[int], int]:
@@ -40,7 +45,22 @@ def default_shapes() -> list[tuple[list[int], int]]:
     return [([n], k) for n, k in SHAPES] + list(GROUPS.values())
 
 
-def tune(shapes, ms=(1, 4), margin=0.03, reps=21):
+def candidates(m: int, default: dict, sms: int) -> dict:
+    """{name: settings} to time against the default at M = m."""
+    out = {}
+    if m <= 8:
+        for warps, minb, cluster in CANDIDATES:
+            s = dict(default, warps=warps, minb=minb, slots=sms * minb, max_cluster=cluster)
+            if s != default:
+                out[f"w{warps}b{minb}c{cluster}"] = s
+    else:  # slots at M > 8 = slots x minb2 / minb: SMs x minb2
+        for warps, minb2, cluster in CANDIDATES16:
+            s = dict(default, warps=warps, minb=2, minb2=minb2, slots=sms * 2, max_cluster=cluster)
+            out[f"w{warps}m{minb2}c{cluster}"] = s
+    return out
+
+
+def tune(shapes, ms=(1, 4, 16), margin=0.03, reps=21):
     dev = torch.cuda.current_device()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -53,13 +73,15 @@ def tune(shapes, ms=(1, 4), margin=0.03, reps=21):
         default = dict(ct.TUNING["large" if sum(outs) * k >= ct.TUNING["large_from"] else "small"])
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-            variants = {"default": (lambda s=default, **c: ct.matmul_group(x, layers(c), **s), tens)}
+            if m <= 8:
+                variants = {"default": (lambda s=default, **c: ct.matmul_group(x, layers(c), **s), tens)}
+            else:  # what the package runs at 9-16 rows: the CUDA kernel where it clusters, else Triton
+                variants = {"default": (lambda **c: tt.linear_group(x, layers(c), 128), tens)}
             settings = {"default": default}
-            for warps, minb, cluster in CANDIDATES:
-                s = dict(warps=warps, minb=minb, slots=sms * minb, max_cluster=cluster)
-                if all(s[key] == default[key] for key in s):
-                    continue
-                name = f"w{warps}b{minb}c{cluster}"
+            for name, s in candidates(m, default, sms).items():
+                if m > 8 and not ct._plan(m, k, -(-k // 128), [L["packed"].shape[0] for L in Ls], outs, dev,
+                                          over=s)[3]:
+                    continue  # no cluster: the package would not take the CUDA kernel
                 for L, y in zip(Ls, ct.matmul_group(x, layers(tens), **s)):
                     assert check(L, x, y) < 2e-3, (outs, k, m, name)
                 variants[name], settings[name] = (lambda s=s, **c: ct.matmul_group(x, layers(c), **s), tens), s
@@ -93,7 +115,7 @@ def main():
         full = json.loads(ct.TUNED_FILE.read_text()) if ct.TUNED_FILE.exists() else {}
         mine = full.setdefault(name, {})
         tuned = {ct.shape_key(outs, k) for outs, k in shapes}
-        for bucket in ("1", "8"):  # the shapes tuned now replace their old entries
+        for bucket in ("1", "8", "16"):  # the shapes tuned now replace their old entries
             kept = {key: v for key, v in mine.get(bucket, {}).items() if key not in tuned}
             mine[bucket] = dict(sorted({**kept, **table.get(bucket, {})}.items()))
         tmp = ct.TUNED_FILE.with_suffix(".tmp")

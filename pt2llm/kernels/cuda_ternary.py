@@ -72,7 +72,7 @@ typedef unsigned char u8;
 #define MINB 3               // CTAs an SM should hold (caps registers at 65536 / (32 WARPS MINB))
 #endif
 #ifndef MINB2
-#define MINB2 2              // the same for M > 8
+#define MINB2 2              // the same for M > 8 (the NT = 2 variant)
 #endif
 #ifndef CL
 #define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster
@@ -417,14 +417,14 @@ def source() -> str:
 
 
 # Launch settings, from H100 sweeps (docs/results/mma-kernel): warps a CTA, the CTAs an SM is
-# asked to hold (registers: 65536 / (32 warps minb)), the CTAs the GPU runs at once, which
+# asked to hold (registers: 65536 / (32 warps minb); minb2 for M > 8), the CTAs the GPU runs at once, which
 # split-K aims to fill, and the most CTAs a cluster fix-up takes (above 8, sm_90's portable
 # limit, the driver is asked for non-portable sizes: 16 measured faster than 8 with 4 warps,
 # slower with 8); layers of `large_from` weights or more take the "large" set.
-TUNING = {"small": dict(warps=4, minb=3, slots=396, max_cluster=16),
-          "large": dict(warps=8, minb=2, slots=264, max_cluster=8), "large_from": 1 << 26}
+TUNING = {"small": dict(warps=4, minb=3, minb2=2, slots=396, max_cluster=16),
+          "large": dict(warps=8, minb=2, minb2=2, slots=264, max_cluster=8), "large_from": 1 << 26}
 # Per layer shape, the settings that measured fastest on a GPU (benchmarks/tune_cuda.py writes
-# them; PT2LLM_CUDA_TUNED=0 ignores them): {GPU name: {rows ("1": M = 1, "8": M = 2..8):
+# them; PT2LLM_CUDA_TUNED=0 ignores them): {GPU name: {rows ("1": M = 1, "8": M = 2..8, "16": 9..16):
 # {shape_key: settings}}}, each overriding TUNING's for launches of exactly those layers.
 TUNED_FILE = Path(__file__).with_name("cuda_tuned.json")
 GPC_SMS = 16         # SMs a cluster's CTAs must share (an H100 GPC has 16 or 18; the smaller)
@@ -437,8 +437,9 @@ def _variant(m: int) -> tuple[int, bool]:
     return (1 if m <= 8 else 2), m == 1
 
 
-def options(warps: int, minb: int, cluster: int = 1) -> list[str]:
-    return ["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"] + ([f"-DCL={cluster}"] if cluster > 1 else [])
+def options(warps: int, minb: int, cluster: int = 1, minb2: int = 2) -> list[str]:
+    return (["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"] + ([f"-DCL={cluster}"] if cluster > 1 else [])
+            + ([f"-DMINB2={minb2}"] if minb2 != 2 else []))
 
 
 def _device(t: torch.Tensor) -> int:
@@ -455,12 +456,12 @@ def _compile(name: str, capability: tuple[int, int], opts: tuple[str, ...]):
                           nvcc_options=list(opts))
 
 
-def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1):
+def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1, minb2: int = 2):
     """The mma kernel that takes M = m rows, with these launch settings (cluster > 1: its
-    splits are one cluster of that many CTAs)."""
+    splits are one cluster of that many CTAs; minb2: CTAs an SM of the M > 8 variant)."""
     nt, m1 = _variant(m)
     return _compile(f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", capability,
-                    tuple(options(warps, minb, cluster)))
+                    tuple(options(warps, minb, cluster, minb2 if nt == 2 else 2)))
 
 
 def _final_splits(blocks: int, splits: int) -> int:
@@ -502,7 +503,7 @@ def shape_key(n_outs, K: int) -> str:
 
 def rows_key(m: int) -> str | None:
     """The tuned table's row bucket of an M-row launch (the compiled variant it takes)."""
-    return "1" if m == 1 else ("8" if m <= 8 else None)
+    return "1" if m == 1 else ("8" if m <= 8 else ("16" if m <= 16 else None))
 
 
 @functools.cache
@@ -651,7 +652,7 @@ def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_outs: list[int], de
     splits = _final_splits(NB, max(splits or split_count(sum(tiles), NB, settings["slots"]), -(-NB // per_cap)))
     cl = 0
     if cluster is None and not given and _cluster_launch():
-        slots = settings["slots"] if M <= 8 else settings["slots"] * 2 // settings["minb"]  # MINB2 = 2 above 8 rows
+        slots = settings["slots"] if M <= 8 else settings["slots"] * settings["minb2"] // settings["minb"]
         cl = cluster_splits(M, sum(tiles), NB, splits, slots, cap, per_cap, _sms(dev), settings["max_cluster"])
     elif cluster and splits > 1:
         if not (cap >= (9, 0) and _cluster_launch() and splits <= settings["max_cluster"]):
@@ -700,7 +701,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers],
                                               [layer[5] for layer in layers], dev, splits, cluster, over)
     per = -(-NB // splits)
-    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1)
+    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"])
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
     part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 and not cl else outs[0]
     counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
