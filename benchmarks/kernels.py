@@ -167,6 +167,15 @@ GROUPS = {"7B q/k/v": ([4096] * 3, 4096), "7B gate/up": ([11008] * 2, 4096),
           "70B q/k/v": ([8192, 1024, 1024], 8192), "70B gate/up": ([28672] * 2, 8192)}
 
 
+def group_tensors(Ls, outs):
+    """(tensors, layers) for timing layers that read one input: their buffers as one dict of
+    named tensors (what the CUDA-graph replay copies), and layers(copy) -> the
+    (packed, alpha, mu, perm, bias, n_out) tuples linear_group and matmul_group take."""
+    tens = {f"{key}{i}": L[key] for i, L in enumerate(Ls) for key in ("packed", "alpha", "mu", "perm")}
+    return tens, lambda c: [(c[f"packed{i}"], c[f"alpha{i}"], c[f"mu{i}"], c[f"perm{i}"], None, n)
+                            for i, n in enumerate(outs)]
+
+
 def groups(gen, ms=(1, 4)) -> list[dict]:
     """The layers of a decoder layer that read one input, at decode sizes: fp16 (one F.linear
     each), ternary one launch each (linear), and ternary in one launch (linear_group, what a
@@ -176,9 +185,7 @@ def groups(gen, ms=(1, 4)) -> list[dict]:
         Ls = [make_layer(n, k, gen) for n in outs]
         w16 = {f"w{i}": torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.02
                for i, n in enumerate(outs)}
-        tens = {f"{key}{i}": L[key] for i, L in enumerate(Ls) for key in ("packed", "alpha", "mu", "perm")}
-        layers = lambda c: [(c[f"packed{i}"], c[f"alpha{i}"], c[f"mu{i}"], c[f"perm{i}"], None, n)  # noqa: E731
-                            for i, n in enumerate(outs)]
+        tens, layers = group_tensors(Ls, outs)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             for L, y in zip(Ls, tt.linear_group(x, layers(tens), 128)):

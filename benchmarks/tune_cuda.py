@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import GROUPS, SHAPES, check, make_layer, paired_us  # noqa: E402
+from kernels import GROUPS, SHAPES, check, group_tensors, make_layer, paired_us  # noqa: E402
 
 from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
 from pt2llm.kernels import triton_ternary as tt  # noqa: E402
@@ -67,9 +67,7 @@ def tune(shapes, ms=(1, 4, 16), margin=0.03, reps=21):
     rows, table = [], {}
     for outs, k in shapes:
         Ls = [make_layer(n, k, gen) for n in outs]
-        tens = {f"{key}{i}": L[key] for i, L in enumerate(Ls) for key in ("packed", "alpha", "mu", "perm")}
-        layers = lambda c: [(c[f"packed{i}"], c[f"alpha{i}"], c[f"mu{i}"], c[f"perm{i}"], None, n)  # noqa: E731
-                            for i, n in enumerate(outs)]
+        tens, layers = group_tensors(Ls, outs)
         default = dict(ct.TUNING["large" if sum(outs) * k >= ct.TUNING["large_from"] else "small"])
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
@@ -107,7 +105,7 @@ def main():
     ap.add_argument("--out", type=Path, help="folder for cuda-tuning.json (every candidate's time)")
     args = ap.parse_args()
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else default_shapes()
-    os.environ["PT2LLM_CUDA_TUNED"] = "0"  # candidates and default are passed explicitly anyway
+    os.environ["PT2LLM_CUDA_TUNED"] = "0"  # the default is the package without the table (candidates pass theirs)
     rows, table = tune(shapes, margin=args.margin)
     name = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -417,8 +417,8 @@ def source() -> str:
 
 
 # Launch settings, from H100 sweeps (docs/results/mma-kernel): warps a CTA, the CTAs an SM is
-# asked to hold (registers: 65536 / (32 warps minb); minb2 for M > 8), the CTAs the GPU runs at once, which
-# split-K aims to fill, and the most CTAs a cluster fix-up takes (above 8, sm_90's portable
+# asked to hold (registers: 65536 / (32 warps minb); minb2 for M > 8), the CTAs the GPU runs at
+# once, which split-K aims to fill, and the most CTAs a cluster fix-up takes (above 8, sm_90's portable
 # limit, the driver is asked for non-portable sizes: 16 measured faster than 8 with 4 warps,
 # slower with 8); layers of `large_from` weights or more take the "large" set.
 TUNING = {"small": dict(warps=4, minb=3, minb2=2, slots=396, max_cluster=16),
@@ -525,9 +525,9 @@ def _settings(n_outs, K: int, m: int, device_name: str | None, over: dict) -> di
     TUNING's by size, the tuned table's for this GPU and shape where it has some (unless
     PT2LLM_CUDA_TUNED=0), `over` overriding both."""
     settings = TUNING["large" if sum(n_outs) * K >= TUNING["large_from"] else "small"]
-    tuned = {}
-    if device_name is not None and rows_key(m) and os.environ.get("PT2LLM_CUDA_TUNED", "1") != "0":
-        tuned = tuned_table().get(device_name, {}).get(rows_key(m), {}).get(shape_key(n_outs, K), {})
+    tuned, bucket = {}, rows_key(m)
+    if device_name is not None and bucket and os.environ.get("PT2LLM_CUDA_TUNED", "1") != "0":
+        tuned = tuned_table().get(device_name, {}).get(bucket, {}).get(shape_key(n_outs, K), {})
     return {**settings, **tuned, **over}
 
 
