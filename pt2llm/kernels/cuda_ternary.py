@@ -104,8 +104,8 @@ __device__ __forceinline__ void cluster_sync() {
 // The barrier before a CTA exits, so that none leaves while another may still read its shared
 // memory. Its arrival is relaxed: the remote loads before it have completed (their values are
 // already summed and stored), and nothing this CTA wrote is read by another, so a release
-// (which waits for this CTA's global stores of its outputs) buys nothing; relaxed measured 2-6 %
-// faster on the layers that sum in a cluster (docs/results/mma-kernel, run 22).
+// (which waits for this CTA's global stores of its outputs) buys nothing; relaxed measured 1-6 %
+// faster at M = 1-4 on the launches that sum in a cluster (docs/results/mma-kernel, run 22).
 __device__ __forceinline__ void cluster_exit_sync() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
