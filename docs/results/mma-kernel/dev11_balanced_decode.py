@@ -14,11 +14,15 @@ fma, code_3 = round(rest / 3) one mul, and rest itself is digit 4's operand; the
 Run from the repository root on a GPU, at 35521af (the source it patches):
     PYTHONPATH=$PWD python3 docs/results/mma-kernel/dev11_balanced_decode.py
 It writes $OUT/dev11.json (runs/20-balanced-decode.json)."""
-import os, sys, json, functools
+import os
+import sys
+
 import torch
-sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-import kernels as bk
-from pt2llm.kernels import cuda_ternary as ct, triton_ternary as tt
+
+sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "benchmarks"), os.path.dirname(os.path.abspath(__file__))]
+from dev_variants import Variant, run  # noqa: E402
+
+from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
 
 BASE = ct._SRC
 HELPERS = r'''__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
@@ -76,72 +80,12 @@ def patched(plain: bool) -> str:
     return ("#define PLAIN_BYTES\n" if plain else "") + s
 
 
-SRCS = {"old": BASE, "q": patched(False), "v": patched(True)}
-CHOICE = ["old"]
-
-
-@functools.cache
-def comp(choice, name, capability, opts):
-    return torch.cuda._compile_kernel(SRCS[choice], name, compute_capability=f"{capability[0]}{capability[1]}",
-                                      nvcc_options=list(opts))
-
-
-ct._compile = lambda name, capability, opts: comp(CHOICE[0], name, capability, opts)
-
-
-def fn_for(choice, call):
-    def fn(**c):
-        CHOICE[0] = choice
-        return call(c)
-    return fn
-
-
-def main():
-    lut = ((243 * torch.arange(256)) // 256).to(torch.uint8).cuda()  # format-2 byte q -> plain v
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
-    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]:
-        L = bk.make_layer(n, k, gen)
-        Lv = dict(L, packed=lut[L["packed"].long()])
-        for m in (1, 4, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-            errs = {}
-            for ch in ("old", "q", "v"):
-                CHOICE[0] = ch
-                LL = Lv if ch == "v" else L
-                errs[ch] = bk.check(L, x, ct.matmul(x, LL["packed"], LL["alpha"], LL["mu"], LL["perm"], None, n))
-            tens = {key: L[key] for key in ("packed", "alpha", "mu", "perm")}
-            call = lambda c: ct.matmul(x, c["packed"], c["alpha"], c["mu"], c["perm"], None, n)
-            t = bk.paired_us({"old": (fn_for("old", call), tens), "q": (fn_for("q", call), tens),
-                              "v": (fn_for("v", call), dict(tens, packed=Lv["packed"]))})
-            row = {"shape": f"{n}x{k}", "M": m, **{f"{c}_us": round(u, 2) for c, u in t.items()},
-                   "q_speedup": round(t["old"] / t["q"], 3), "v_speedup": round(t["old"] / t["v"], 3),
-                   **{f"err_{c}": float(f"{e:.2e}") for c, e in errs.items()}}
-            rows.append(row)
-            print(row, flush=True)
-        del L, Lv
-    for name, (outs, k) in bk.GROUPS.items():
-        Ls = [bk.make_layer(n, k, gen) for n in outs]
-        tens, layers = bk.group_tensors(Ls, outs)
-        tv = {key: (lut[val.long()] if key.startswith("packed") else val) for key, val in tens.items()}
-        for m in (1, 4):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-            call = lambda c: tt.linear_group(x, layers(c), 128)
-            CHOICE[0] = "q"
-            errq = max(bk.check(L, x, y) for L, y in zip(Ls, call(tens)))
-            CHOICE[0] = "v"
-            errv = max(bk.check(L, x, y) for L, y in zip(Ls, call(tv)))
-            t = bk.paired_us({"old": (fn_for("old", call), tens), "q": (fn_for("q", call), tens),
-                              "v": (fn_for("v", call), tv)})
-            row = {"group": name, "M": m, **{f"{c}_us": round(u, 2) for c, u in t.items()},
-                   "q_speedup": round(t["old"] / t["q"], 3), "v_speedup": round(t["old"] / t["v"], 3),
-                   "err_q": float(f"{errq:.2e}"), "err_v": float(f"{errv:.2e}")}
-            rows.append(row)
-            print(row, flush=True)
-        del Ls, tens, tv
-    out = os.environ.get("OUT", "/tmp")
-    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, open(f"{out}/dev11.json", "w"), indent=1)
+def plain_bytes(packed):
+    """Format-2 bytes q -> plain base-3 bytes v = floor(243 q / 256) (what variant v reads)."""
+    lut = ((243 * torch.arange(256, device=packed.device)) // 256).to(torch.uint8)
+    return lut[packed.long()]
 
 
 if __name__ == "__main__":
-    main()
+    run({"old": Variant(BASE), "q": Variant(patched(False)), "v": Variant(patched(True), bytes_map=plain_bytes)},
+        "dev11.json", identical=False)
