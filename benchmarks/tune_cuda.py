@@ -68,7 +68,7 @@ def tune(shapes, ms=(1, 4, 16), margin=0.03, reps=21):
     for outs, k in shapes:
         Ls = [make_layer(n, k, gen) for n in outs]
         tens, layers = group_tensors(Ls, outs)
-        default = dict(ct.TUNING["large" if sum(outs) * k >= ct.TUNING["large_from"] else "small"])
+        default = ct._settings(outs, k, 1, None, {})  # the size rule alone (no GPU name: no table)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             if m <= 8:

@@ -22,5 +22,5 @@ assert BASE.count(EXIT_OLD) == 1
 SRC = BASE.replace(EXIT_OLD, EXIT_NEW)
 
 if __name__ == "__main__":
-    run({"base": Variant(BASE), "relaxed": Variant(SRC, ("-DRELAXED_EXIT",)), "base2": Variant(BASE, ("-DBASE2",))},
+    run({"base": Variant(BASE), "relaxed": Variant(SRC, ("-DRELAXED_EXIT",)), "base2": Variant(BASE)},
         "dev13.json", identical=True)

@@ -3,7 +3,10 @@ window holds, and the 8 largest tokens, on Qwen2.5-Coder-0.5B (float; `rot`: rot
 `--rotate hadamard` does, seed 0), 4 C4 windows of 2048 tokens (seed 0). Checks whether an
 attention-sink token dominates the Hessians (it does not: sink_share.out).
     PT2LLM_DATA_DIR=... python3 docs/results/rotation-oproj/sink_share.py qwen2.5-coder-0.5b rot"""
-import torch, sys
+import sys
+
+import torch
+
 from pt2llm.model import sources
 from pt2llm import data
 from pt2llm.rotate import fold
@@ -14,15 +17,15 @@ rot = len(sys.argv) > 2 and sys.argv[2] == "rot"
 if rot:
     fold.rotate_model(model, seed=0)
 ids = data.calibration_windows("c4", tok, 4, 2048, 0)
-stats = {}
+energy = {}  # linear -> per window, each token's input energy |x|^2 ([1, 2048] tensors)
+
+
 def hook(nm):
     def f(mod, inp):
-        x = inp[0].detach().float()          # [B, T, C]
-        e = (x * x).sum(-1)                  # [B, T]
-        s = stats.setdefault(nm, [0.0, 0.0, []])
-        s[0] += e.sum().item(); s[1] += e[:, 0].sum().item()
-        s[2].append(e.flatten())
+        energy.setdefault(nm, []).append(inp[0].detach().float().pow(2).sum(-1))
     return f
+
+
 layers = model.model.layers
 for i in range(len(layers)):
     for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
@@ -30,6 +33,8 @@ for i in range(len(layers)):
 with torch.no_grad():
     for b in range(ids.shape[0]):
         model(ids[b:b+1])
-for nm, (tot, first, es) in stats.items():
-    e = torch.cat(es); top = e.topk(8).values.sum().item()
-    print(f"{nm:24s} first-token share {first/tot:6.3f}  top-8 tokens share {top/tot:6.3f}  max/median {e.max().item()/e.median().item():9.1f}")
+for nm, es in energy.items():
+    e = torch.cat(es)                         # [windows, tokens]
+    tot = e.sum().item()
+    print(f"{nm:24s} first-token share {e[:, 0].sum().item() / tot:6.3f}  top-8 tokens share "
+          f"{e.flatten().topk(8).values.sum().item() / tot:6.3f}  max/median {e.max().item() / e.median().item():9.1f}")
