@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 for the 7B shape)")
     ap.add_argument("--tuning", type=Path, help="kernel launch settings found by benchmarks/kernels.py --sweep")
+    ap.add_argument("--attention", choices=["pt2llm", "model"], default="pt2llm",
+                    help="the decode step's attention in every row (speed.measure)")
     ap.add_argument("--compile", action="store_true",
                     help="also time fp16 and ternary with the decode step through torch.compile")
     args = ap.parse_args()
@@ -81,7 +83,8 @@ def main():
     def timed(name, model, compile=False):
         if compile:
             torch._dynamo.reset()  # a fresh compile for this model
-        r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch, compile=compile)
+        r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch, compile=compile,
+                          attention=args.attention)
         rows.append({"model": name, **r})
         print(rows[-1], flush=True)
 
@@ -95,7 +98,7 @@ def main():
         timed("ternary, torch.compile", model, compile=True)
     before = os.environ.get("PT2LLM_CUDA_KERNEL")
     os.environ["PT2LLM_CUDA_KERNEL"] = "0"  # the same model on the Triton kernels alone
-    r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch)
+    r = speed.measure(model, args.prompt_len, args.new_tokens, args.batch, attention=args.attention)
     if before is None:
         del os.environ["PT2LLM_CUDA_KERNEL"]
     else:

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile first (fuses the small kernels between "
                         "the linears; compiling takes a minute or more)")
+    b.add_argument("--attention", choices=["pt2llm", "model"], default="pt2llm",
+                   help="decode-step attention: pt2llm's split-key Triton kernel (default) or the model's own "
+                        "(transformers' SDPA)")
     b.add_argument("--device", default=None, help="cuda | cuda:N (default: cuda)")
     b.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -339,7 +339,7 @@ def bench(args) -> int:
     _check_context(model, args.prompt_len + args.new_tokens,
                    f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens}", "the model's")
     r = speed.measure(model.eval(), args.prompt_len, args.new_tokens, args.batch, graphs=not args.no_graphs,
-                      compile=args.compile)
+                      compile=args.compile, attention=args.attention)
     r = {"model": args.model, "quantized": bool(source.get("quantized")), **r}
     print(f"{args.model} on {r['device']}: prefill {r['prefill_tokens_per_s']:.0f} tokens/s "
           f"({args.batch} x {args.prompt_len} in {r['prefill_ms']:.1f} ms), decode {r['decode_tokens_per_s']:.1f} "

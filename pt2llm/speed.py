@@ -4,7 +4,9 @@ Prefill: one forward pass over `batch` prompts of `prompt_len` random tokens (lo
 last position only), timed with CUDA events, median of a few. Decode: greedy, one token
 at a time into a static KV cache (transformers' StaticCache), the whole step (forward,
 argmax, advancing position and mask) captured once as a CUDA graph and replayed, so the
-GPU is not left waiting on Python; `graphs=False` runs the same step eagerly. With
+GPU is not left waiting on Python; `graphs=False` runs the same step eagerly. The decode
+step's attention is the split-key Triton kernel (pt2llm.attention, kernels/triton_attention.py;
+`attention="model"` keeps the model's own, SDPA by default). With
 `compile=True` the model's forward in that step goes through torch.compile first (Inductor,
 no CUDA graphs of its own: the step's graph holds it), which fuses the small kernels
 between the linears (norms, rotary embedding, the SiLU product); TernaryLinear and the
@@ -44,11 +46,17 @@ def _events_ms(fn, reps: int) -> list[float]:
 class Decoder:
     """A one-token greedy decode step on a static cache, as a CUDA graph (or eager)."""
 
-    def __init__(self, model, batch: int, max_len: int, compile: bool = False):
+    def __init__(self, model, batch: int, max_len: int, compile: bool = False, attention: str = "pt2llm"):
         from transformers import StaticCache
 
+        if attention not in ("pt2llm", "model"):
+            raise ValueError(f"attention must be 'pt2llm' or 'model', got {attention!r}")
         dev = next(model.parameters()).device
         self.model, self.max_len = model, max_len
+        self._attn_before = None
+        if attention == "pt2llm":  # the model's attention function until close(); prefill falls back to SDPA
+            from . import attention as attn
+            self._attn_before = attn.use(model)
         # the decode step's forward: compiled for one shape (batch x 1 token), not the prefill's
         if compile:  # Inductor after grouping the ternary linears that share an input (kernels/ops.py)
             from .kernels import ops
@@ -110,11 +118,19 @@ class Decoder:
         else:
             self._step()
 
+    def close(self) -> None:
+        """Give the model back its own attention function (the graph stays replayable)."""
+        if self._attn_before is not None:
+            from . import attention as attn
+            attn.restore(self.model, self._attn_before)
+            self._attn_before = None
+
 
 def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1, graphs: bool = True,
-            seed: int = 0, compile: bool = False) -> dict:
+            seed: int = 0, compile: bool = False, attention: str = "pt2llm") -> dict:
     """Prefill and decode tokens/s and memory of `model` (on a CUDA device, in eval mode);
-    compile: the decode step through torch.compile (see the module docstring)."""
+    compile: the decode step through torch.compile; attention: the decode step's attention,
+    "pt2llm" (the Triton kernel) or "model" (see the module docstring)."""
     dev = next(model.parameters()).device
     vocab = model.config.vocab_size
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -128,7 +144,17 @@ def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1,
         _events_ms(fwd, 2)  # warm-up: kernels compiled, allocator primed
         prefill_ms = statistics.median(_events_ms(fwd, 5))
 
-    dec = Decoder(model, batch, prompt_len + new_tokens + 4, compile=compile)
+    dec = Decoder(model, batch, prompt_len + new_tokens + 4, compile=compile, attention=attention)
+    try:
+        return _time_decode(dec, model, prompt, prompt_len, new_tokens, batch, graphs, compile, prefill_ms,
+                            weights, attention)
+    finally:
+        dec.close()
+
+
+def _time_decode(dec, model, prompt, prompt_len, new_tokens, batch, graphs, compile, prefill_ms, weights,
+                 attention) -> dict:
+    dev = prompt.device
     dec.prefill(prompt)
     how = "eager"
     if graphs:
@@ -153,6 +179,7 @@ def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1,
             "prefill_ms": round(prefill_ms, 3), "prefill_tokens_per_s": round(batch * prompt_len / prefill_ms * 1e3, 1),
             "decode_ms_per_token": round(decode_ms / new_tokens, 4),
             "decode_tokens_per_s": round(batch * new_tokens / decode_ms * 1e3, 1), "decode_mode": how,
+            "attention": attention,
             "model_gib": round(weights / 2**30, 3), "model_gb": round(weights / 1e9, 3),
             "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3),
             "device": torch.cuda.get_device_name(dev)}

@@ -9,6 +9,7 @@ rotary embedding, the SiLU product, attention glue); eager calls keep the plain 
     torch.ops.pt2llm.ternary_linear(x, packed, alpha, mu, perm, bias, n_out, block_size)
     torch.ops.pt2llm.ternary_linear_group(x, [packed], [alpha], [mu], [perm], [bias], [n_out], block_size)
     torch.ops.pt2llm.hadamard_input(x, signs)
+    torch.ops.pt2llm.decode_attention(query, key, value, mask, scale)
 
 `backend` (torch.compile(fn, backend=ops.backend)) rewrites the captured graph before
 Inductor: ternary_linear calls on the same input (a decoder layer's q/k/v, its gate/up) become
@@ -49,6 +50,19 @@ def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 @hadamard_input.register_fake
 def _(x, signs):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("pt2llm::decode_attention", mutates_args=())
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                     scale: float) -> torch.Tensor:
+    """triton_attention.decode (one query token over a static KV cache) as one op."""
+    from .triton_attention import decode
+    return decode(query, key, value, mask, scale)
+
+
+@decode_attention.register_fake
+def _(query, key, value, mask, scale):
+    return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
 
 
 @torch.library.custom_op("pt2llm::ternary_linear_group", mutates_args=())

@@ -1,0 +1,163 @@
+"""Triton kernel for decode attention (one query token a sequence) over a static KV cache,
+split along the keys (flash-decoding), for `pt2llm bench` and generation on CUDA.
+
+At batch 1 a decode step's attention reads a few MB of cache a layer, which the copy
+bandwidth moves in 1-2 µs, yet the SDPA backend torch picks on an H100 (cuDNN's flash
+forward, built for many queries) took 10 µs a layer: one CTA a head walks every key
+(docs/results/e2e.md, the decode profile). Here the keys of each (sequence, head) are cut
+into chunks, one program a chunk (one tile of BLOCK_N keys where the chunk count allows):
+
+  - `_split_kernel`: program (b h, s) loads the query (times the softmax scale), walks its
+    chunk in tiles of BLOCK_N keys, masks the keys the mask excludes (their K and V rows are
+    not loaded at all, so the unused tail of a static cache costs nothing but its mask), and
+    keeps the online-softmax state: the running max m, the sum l of exp(score - m), and
+    acc = sum exp(score - m) v. It stores (acc, m, l) in fp32;
+  - `_combine_kernel`: program (b h) merges the chunks, out = sum_s e^(m_s - M) acc_s /
+    sum_s e^(m_s - M) l_s with M the largest m_s, and stores out in the query's dtype.
+
+Both run on fp32 scores and sums. Grouped-query attention reads kv head h // (H / Hkv). The
+mask is what transformers passes to an attention function: None (every key), bool (True:
+attend) or additive (0 or -inf, as the eager path adds it), broadcastable to [B, H, 1, L]. A
+sequence whose keys are all masked gets zeros (SDPA gives NaN there).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile and warps: of 32, 64 or 128 keys and 2, 4 or 8 warps, 32 keys and 2 warps was fastest
+# or within 10 % of the fastest in 8 of 9 decode cases on an H100 (Llama-2-7B, -70B and
+# Qwen2.5-0.5B heads, 128 to 2048 keys filled; docs/results/decode-attention.md)
+BLOCK_N = 32       # keys a tile
+WARPS = 2          # warps a program
+MAX_SPLITS = 64    # chunks a (sequence, head) at most
+MAX_PROGRAMS = 8192  # (sequence, head, chunk) programs at most, bounding the partial sums' buffer
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, scale, L, H, G,
+                  sqb, sqh, skb, skh, skl, svb, svh, svl, smb, smh, sml,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                  MASK: tl.constexpr):
+    bh = tl.program_id(0)
+    s = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = bh // H
+    h = bh - b * H
+    hk = h // G
+    d = tl.arange(0, DP)
+    dm = d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + d, mask=dm, other=0.0).to(tl.float32) * scale
+    m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    acc = tl.zeros([DP], tl.float32)
+    kb = k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    vb = v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    for start in range(0, CHUNK, BLOCK):
+        n = s * CHUNK + start + tl.arange(0, BLOCK)
+        inside = n < L
+        if MASK == 1:    # bool: nonzero attends
+            keep = tl.load(m_ptr + b * smb + h * smh + n * sml, mask=inside, other=0) != 0
+            valid = inside & keep
+        elif MASK == 2:  # additive
+            add = tl.load(m_ptr + b * smb + h * smh + n * sml, mask=inside, other=float("-inf")).to(tl.float32)
+            valid = inside & (add > float("-inf"))
+        else:
+            valid = inside
+        # keys and values in one round trip (both wait only for the mask)
+        kt = tl.load(kb + n[:, None].to(tl.int64) * skl + d[None, :], mask=valid[:, None] & dm[None, :], other=0.0)
+        vt = tl.load(vb + n[:, None].to(tl.int64) * svl + d[None, :], mask=valid[:, None] & dm[None, :], other=0.0)
+        sc = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
+        if MASK == 2:
+            sc = sc + tl.where(valid, add, 0.0)
+        sc = tl.where(valid, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key yet: every weight 0
+        p = tl.exp(sc - m_safe)
+        corr = tl.exp(m_i - m_safe)
+        acc = acc * corr + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+        l_i = l_i * corr + tl.sum(p, axis=0)
+        m_i = m_new
+    row = part_ptr + (bh * splits + s) * (DP + 2)
+    tl.store(row + d, acc)
+    tl.store(row + DP, m_i)
+    tl.store(row + DP + 1, l_i)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, o_ptr, H, sob, soh, SPLITS: tl.constexpr, SP: tl.constexpr,
+                    D: tl.constexpr, DP: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh - b * H
+    s = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    live = s < SPLITS
+    base = part_ptr + (bh * SPLITS + s) * (DP + 2)
+    m = tl.load(base + DP, mask=live, other=float("-inf"))
+    l = tl.load(base + DP + 1, mask=live, other=0.0)
+    big = tl.max(m, axis=0)
+    big = tl.where(big == float("-inf"), 0.0, big)
+    w = tl.exp(m - big)                                      # 0 for chunks with no key
+    acc = tl.load(base[:, None] + d[None, :], mask=live[:, None], other=0.0)
+    num = tl.sum(w[:, None] * acc, axis=0)
+    den = tl.sum(w * l, axis=0)
+    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+def split_count(bh: int, length: int) -> int:
+    """Chunks a (sequence, head) is cut into: one tile each where that stays within
+    MAX_SPLITS chunks and MAX_PROGRAMS programs, so that a program's loads (mask, then keys
+    and values) are one round trip each rather than a chain over tiles."""
+    return max(1, min(-(-length // BLOCK_N), MAX_SPLITS, MAX_PROGRAMS // max(1, bh)))
+
+
+def supported(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """One query token, 16-bit, head size up to 256, query heads a multiple of kv heads."""
+    return (query.dim() == 4 and query.shape[2] == 1 and query.dtype in (torch.float16, torch.bfloat16)
+            and key.dtype == query.dtype and query.shape[-1] <= 256 and key.shape[-1] == query.shape[-1]
+            and query.shape[1] % key.shape[1] == 0)
+
+
+def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """softmax(q kᵀ scale + mask) v for one query token: query [B, H, 1, D], key and value
+    [B, Hkv, L, D] (any strides with a unit last one), mask None, bool or additive,
+    broadcastable to [B, H, 1, L]. Returns [B, 1, H, D] (transformers' attention output
+    layout), contiguous, in query's dtype."""
+    B, H, _, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    DP = triton.next_power_of_2(D)
+    splits = split_count(B * H, L)
+    chunk = -(-L // splits)
+    chunk = -(-chunk // BLOCK_N) * BLOCK_N
+    splits = -(-L // chunk)
+    if mask is None:
+        kind, mptr, ms = 0, query, (0, 0, 0)
+    else:
+        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[-1] != L:
+            raise ValueError(f"decode attention: mask of shape {tuple(mask.shape)} for {L} keys")
+        kind = 1 if mask.dtype == torch.bool else 2
+        if kind == 1:
+            mask = mask.view(torch.uint8)
+        mb = mask.stride(0) if mask.shape[0] > 1 else 0
+        mh = mask.stride(1) if mask.shape[1] > 1 else 0
+        mptr, ms = mask, (mb, mh, mask.stride(3))
+    part = torch.empty(B * H * splits * (DP + 2), dtype=torch.float32, device=query.device)
+    out = torch.empty(B, 1, H, D, dtype=query.dtype, device=query.device)
+    _split_kernel[(B * H, splits)](
+        query, key, value, mptr, part, float(scale), L, H, H // Hkv,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), *ms,
+        CHUNK=chunk, BLOCK=BLOCK_N, D=D, DP=DP, MASK=kind, num_warps=WARPS)
+    _combine_kernel[(B * H,)](part, out, H, out.stride(0), out.stride(2), SPLITS=splits,
+                              SP=triton.next_power_of_2(splits), D=D, DP=DP, num_warps=4)
+    return out

@@ -1,0 +1,149 @@
+"""The decode-attention kernel (kernels/triton_attention.py) against softmax attention in
+float64, natively on CUDA and on the CPU through Triton's interpreter; and the "pt2llm"
+attention function in a transformers model against SDPA."""
+import math
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from pt2llm import attention  # noqa: E402
+from pt2llm.kernels import triton_attention as ta  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _exact(q, k, v, mask, scale):
+    """softmax(q kᵀ scale + mask) v in float64 with kv heads repeated; [B, 1, H, D]; a row
+    with every key masked gives zeros."""
+    B, H, _, D = q.shape
+    rep = H // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale                      # [B, H, 1, L]
+    if mask is not None:
+        add = torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask.double()
+        s = s + add
+    w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return (w @ v).transpose(1, 2)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _inputs(B, H, Hkv, L, D, gen, dtype=torch.float16):
+    q = torch.randn(B, H, 1, D, generator=gen).to(DEV, dtype)
+    # a static cache is a slice of a bigger buffer: strided keys and values
+    k = torch.randn(B, Hkv, L + 5, D, generator=gen).to(DEV, dtype)[:, :, 3:L + 3]
+    v = torch.randn(B, Hkv, L + 5, D, generator=gen).to(DEV, dtype)[:, :, 3:L + 3]
+    return q, k, v
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D", [(1, 4, 4, 100, 64), (2, 6, 2, 77, 128), (1, 3, 1, 33, 80), (3, 2, 2, 300, 32)])
+@pytest.mark.parametrize("kind", ["none", "bool", "additive"])
+def test_decode_matches_softmax_attention(B, H, Hkv, L, D, kind, gen):
+    q, k, v = _inputs(B, H, Hkv, L, D, gen)
+    lens = torch.tensor([L, max(1, L // 3), 5][:B])      # keys each sequence attends to (a static cache's prefix)
+    keep = torch.arange(L)[None, :] < lens[:, None]
+    if kind == "none":
+        mask = None
+    elif kind == "bool":
+        mask = keep[:, None, None, :].to(DEV)
+    else:
+        mask = torch.where(keep, 0.0, -math.inf)[:, None, None, :].to(DEV, torch.float16)
+    scale = 1 / math.sqrt(D)
+    out = ta.decode(q, k, v, mask, scale)
+    assert out.shape == (B, 1, H, D) and out.dtype == q.dtype and out.is_contiguous()
+    ref = _exact(q, k, v, mask, scale)
+    assert _rel(out, ref) < 2e-3
+    # the masked tail is not read: garbage there changes nothing
+    if mask is not None:
+        k2, v2 = k.clone(), v.clone()
+        tail = ~keep[:, None, :, None].to(DEV).expand_as(k2)
+        k2[tail], v2[tail] = float("nan"), float("nan")
+        assert torch.equal(ta.decode(q, k2, v2, mask, scale), out)
+
+
+def test_split_count_and_chunks_cover_every_key():
+    for bh, L in [(32, 388), (1, 5), (512, 4096), (7, 100000), (10**5, 50)]:
+        s = ta.split_count(bh, L)
+        assert 1 <= s <= ta.MAX_SPLITS and (s - 1) * ta.BLOCK_N < L
+        assert s == 1 or bh * s <= ta.MAX_PROGRAMS
+    assert ta.split_count(32, 388) == -(-388 // ta.BLOCK_N)     # one tile a program at decode sizes
+    # one chunk per split actually launched: a split count that leaves the last chunk empty is cut
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 1, 1, 3 * ta.BLOCK_N + 7, 16, gen)
+    assert _rel(ta.decode(q, k, v, None, 0.25), _exact(q, k, v, None, 0.25)) < 2e-3
+
+
+def test_all_masked_sequence_gives_zeros(gen):
+    q, k, v = _inputs(2, 2, 2, 50, 64, gen)
+    mask = torch.zeros(2, 1, 1, 50, dtype=torch.bool, device=DEV)
+    mask[0, ..., :10] = True
+    out = ta.decode(q, k, v, mask, 0.125)
+    assert torch.isfinite(out).all()
+    assert torch.count_nonzero(out[1]) == 0
+    assert _rel(out[0], _exact(q[:1], k[:1], v[:1], mask[:1], 0.125)[0]) < 2e-3
+
+
+def test_bf16(gen):
+    q, k, v = _inputs(1, 4, 2, 70, 64, gen, torch.bfloat16)
+    out = ta.decode(q, k, v, None, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, _exact(q, k, v, None, 0.125)) < 1e-2
+
+
+def test_bad_mask_shape_is_refused(gen):
+    q, k, v = _inputs(1, 2, 2, 40, 32, gen)
+    with pytest.raises(ValueError, match="mask"):
+        ta.decode(q, k, v, torch.ones(1, 1, 2, 40, dtype=torch.bool, device=DEV), 0.1)
+
+
+def test_model_decode_with_pt2llm_attention_matches_sdpa(monkeypatch):
+    """A tiny Qwen2 (grouped-query attention) decodes the same tokens and near-identical
+    logits with the "pt2llm" attention function as with SDPA, through a static cache and a
+    bool mask as speed.Decoder passes them. On the CPU the kernel runs in the interpreter
+    (the function's CUDA check is lifted)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, StaticCache
+    if not CUDA:
+        monkeypatch.setattr(attention, "takes", lambda q, k, dropout, kw: ta.supported(q, k) and not dropout)
+    calls = []
+    real = ta.decode
+    monkeypatch.setattr(ta, "decode", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    dtype = torch.float16
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(DEV).eval()
+
+    def decode_logits(steps=6, prompt_len=9, max_len=24):
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        ids = torch.arange(3, 3 + prompt_len, device=DEV)[None]
+        pos = torch.arange(prompt_len, device=DEV)
+        out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        mask = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=DEV)
+        mask[..., :prompt_len] = True
+        tok, logits = out.logits[:, -1:].argmax(-1), []
+        for p in range(prompt_len, prompt_len + steps):
+            mask[..., p] = True
+            o = model(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([p], device=DEV),
+                      position_ids=torch.tensor([[p]], device=DEV), attention_mask=mask, use_cache=True)
+            logits.append(o.logits[:, -1].float())
+            tok = o.logits[:, -1:].argmax(-1)
+        return torch.cat(logits)
+
+    with torch.no_grad():
+        ref = decode_logits()
+        before = attention.use(model)
+        assert model.config._attn_implementation == attention.NAME
+        got = decode_logits()
+        attention.restore(model, before)
+    assert model.config._attn_implementation == before
+    assert len(calls) == 2 * 6                                # every layer of every decode step, prefill not
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert _rel(got, ref) < 5e-3
