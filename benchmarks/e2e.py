@@ -130,7 +130,9 @@ def main():
                  "The ternary model's decoder linears are TernaryLinear modules built from random codes on the "
                  "GPU (not run through `pt2llm quantize --method rtn`, which takes longer than a device call "
                  "for 6.5 B weights; the values do not change the speed). Model memory = parameters and "
-                 "buffers on the GPU (GB = 1e9 bytes).", "",
+                 "buffers on the GPU (GB = 1e9 bytes). Decode-step attention in every row: "
+                 + ("pt2llm's split-key Triton kernel (pt2llm.attention; `--attention model` for the model's own "
+                    "SDPA)." if args.attention == "pt2llm" else "the model's own (transformers' SDPA)."), "",
                  "| model | prefill tokens/s | decode tokens/s | ms/token | model GB | model GiB | peak GiB |",
                  "|---|---|---|---|---|---|---|"]
         for r in rows:
