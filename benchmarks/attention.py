@@ -6,8 +6,7 @@ kernels/triton_attention.py) against transformers' SDPA function as a decode ste
 
 Each case is timed as benchmarks/kernels.py times layers: a CUDA graph over enough copies of
 the cache that they come from device memory, the variants replayed in turn, the median over
-replays divided by the copies. The kernel is timed as the package runs it and with its chunks
-merged by a second launch. Bandwidth share: the keys and values of the filled positions
+replays divided by the copies. Bandwidth share: the keys and values of the filled positions
 (the fewest bytes the product needs) over the time, divided by a device-to-device copy's
 bandwidth measured in the same run. Every case checks the kernel against SDPA's output.
 """
@@ -58,16 +57,12 @@ def run(args):
                 def kernel(q, k, v, mask):
                     return triton_attention.decode(q, k, v, mask, scale)
 
-                def two_launch(q, k, v, mask):
-                    return triton_attention.decode(q, k, v, mask, scale, fused=False)
-
                 err = float((kernel(**t).float() - sdpa(**t).float()).norm() / sdpa(**t).float().norm())
-                us = paired_us({"sdpa": (sdpa, t), "pt2llm": (kernel, t), "two": (two_launch, t)}, args.reps)
+                us = paired_us({"sdpa": (sdpa, t), "pt2llm": (kernel, t)}, args.reps)
                 need = 2 * B * Hkv * filled * D * 2
                 rows.append({"model": name, "batch": B, "cache_len": L, "filled": filled, "heads": H,
                              "kv_heads": Hkv, "head_dim": D, "sdpa_us": round(us["sdpa"], 2),
                              "pt2llm_us": round(us["pt2llm"], 2), "speedup": round(us["sdpa"] / us["pt2llm"], 2),
-                             "two_launch_us": round(us["two"], 2),
                              "bandwidth_share": round(need / (us["pt2llm"] * 1e-6) / bw, 3),
                              "splits": triton_attention.split_count(B * H, L),
                              "rel_err_vs_sdpa": float(f"{err:.2e}"), "device": dev, "date": date})
@@ -80,14 +75,11 @@ def run(args):
                  f"`filled` are attended (bool mask), as a decode step calls attention. SDPA: transformers' "
                  f"`sdpa_attention_forward` (torch picks the backend). Copy bandwidth {bw / 1e12:.2f} TB/s. "
                  "Regenerate: `PYTHONPATH=$PWD python3 benchmarks/attention.py --out docs/results`.", "",
-                 "`pt2llm µs`: the kernel as the package runs it (the chunks merged in the same launch); `two launches`: "
-                 "the chunks merged by a second launch (`fused=False`).", "",
-                 "| model (heads / kv heads / dim) | batch | cache | filled | SDPA µs | pt2llm µs | speedup | two launches µs | splits | bandwidth share |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| model (heads / kv heads / dim) | batch | cache | filled | SDPA µs | pt2llm µs | speedup | splits | bandwidth share |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['model']} ({r['heads']}/{r['kv_heads']}/{r['head_dim']}) | {r['batch']} | "
                          f"{r['cache_len']} | {r['filled']} | {r['sdpa_us']} | {r['pt2llm_us']} | {r['speedup']}x | "
-                         f"{r['two_launch_us']} | "
                          f"{r['splits']} | {100 * r['bandwidth_share']:.0f} % |")
         (args.out / "decode-attention.md").write_text("\n".join(lines) + "\n")
 

@@ -81,29 +81,6 @@ def test_split_count_and_chunks_cover_every_key():
     assert _rel(ta.decode(q, k, v, None, 0.25), _exact(q, k, v, None, 0.25)) < 2e-3
 
 
-@pytest.mark.parametrize("B,H,Hkv,L", [(1, 4, 2, 200), (2, 3, 3, 45)])
-def test_one_launch_merge_equals_two_launch_merge(B, H, Hkv, L, gen):
-    """The last-arriving program's merge (one launch, arrival counters) gives the second
-    launch's result bit for bit, leaves its counters at 0, and does so again on a second call."""
-    q, k, v = _inputs(B, H, Hkv, L, 64, gen)
-    mask = (torch.rand(B, 1, 1, L, generator=gen) < 0.7).to(DEV)
-    assert ta.split_count(B * H, L) > 1
-    two = ta.decode(q, k, v, mask, 0.125, fused=False)
-    one = ta.decode(q, k, v, mask, 0.125)
-    assert torch.equal(one, two)
-    assert torch.equal(ta.decode(q, k, v, mask, 0.125), two)
-    cnt = ta._counters(q.device, torch.cuda.current_stream().cuda_stream if CUDA else 0)
-    assert int(cnt.abs().sum()) == 0
-    assert _rel(one, _exact(q, k, v, mask, 0.125)) < 2e-3
-
-
-def test_single_chunk_is_stored_by_its_program(gen, monkeypatch):
-    monkeypatch.setattr(ta, "MAX_PROGRAMS", 4)     # 4 (sequence, head) pairs: one chunk each
-    q, k, v = _inputs(2, 2, 1, 100, 32, gen)
-    assert ta.split_count(4, 100) == 1
-    assert _rel(ta.decode(q, k, v, None, 0.2), _exact(q, k, v, None, 0.2)) < 2e-3
-
-
 def test_all_masked_sequence_gives_zeros(gen):
     q, k, v = _inputs(2, 2, 2, 50, 64, gen)
     mask = torch.zeros(2, 1, 1, 50, dtype=torch.bool, device=DEV)

@@ -12,11 +12,8 @@ into chunks, one program a chunk (one tile of BLOCK_N keys where the chunk count
     not loaded at all, so the unused tail of a static cache costs nothing but its mask), and
     keeps the online-softmax state: the running max m, the sum l of exp(score - m), and
     acc = sum exp(score - m) v. It stores (acc, m, l) in fp32;
-  - the chunks are then merged, out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s with M
-    the largest m_s, and stored in the query's dtype (`_merge`): by the last program of each
-    (sequence, head) to finish, which an arrival counter tells, in the same launch; or by a
-    second launch (`_combine_kernel`, `fused=False`). Either way in chunk order: the output
-    does not depend on which program finishes last.
+  - `_combine_kernel`: program (b h) merges the chunks, out = sum_s e^(m_s - M) acc_s /
+    sum_s e^(m_s - M) l_s with M the largest m_s, and stores out in the query's dtype.
 
 Both run on fp32 scores and sums. Grouped-query attention reads kv head h // (H / Hkv). The
 mask is what transformers passes to an attention function: None (every key), bool (True:
@@ -24,8 +21,6 @@ attend) or additive (0 or -inf, as the eager path adds it), broadcastable to [B,
 sequence whose keys are all masked gets zeros (SDPA gives NaN there).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -41,35 +36,13 @@ MAX_PROGRAMS = 8192  # (sequence, head, chunk) programs at most, bounding the pa
 
 
 @triton.jit
-def _merge(part_ptr, o_ptr, bh, H, sob, soh, SPLITS: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
-           DP: tl.constexpr):
-    """out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the chunks, in chunk
-    order (loads through L2: other programs wrote the chunks)."""
-    b = bh // H
-    h = bh - b * H
-    s = tl.arange(0, SP)
-    d = tl.arange(0, DP)
-    live = s < SPLITS
-    base = part_ptr + (bh * SPLITS + s) * (DP + 2)
-    m = tl.load(base + DP, mask=live, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(base + DP + 1, mask=live, other=0.0, cache_modifier=".cg")
-    big = tl.max(m, axis=0)
-    big = tl.where(big == float("-inf"), 0.0, big)
-    w = tl.exp(m - big)                                      # 0 for chunks with no key
-    acc = tl.load(base[:, None] + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
-    num = tl.sum(w[:, None] * acc, axis=0)
-    den = tl.sum(w * l, axis=0)
-    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-    tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
-
-
-@triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, cnt_ptr, o_ptr, scale, L, H, G,
-                  sqb, sqh, skb, skh, skl, svb, svh, svl, smb, smh, sml, sob, soh,
+def _split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, scale, L, H, G,
+                  sqb, sqh, skb, skh, skl, svb, svh, svl, smb, smh, sml,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                  MASK: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, FUSED: tl.constexpr):
+                  MASK: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.program_id(1)
+    splits = tl.num_programs(1)
     b = bh // H
     h = bh - b * H
     hk = h // G
@@ -106,34 +79,32 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, cnt_ptr, o_ptr, scale, L
         acc = acc * corr + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
         l_i = l_i * corr + tl.sum(p, axis=0)
         m_i = m_new
-    row = part_ptr + (bh * SPLITS + s) * (DP + 2)
+    row = part_ptr + (bh * splits + s) * (DP + 2)
     tl.store(row + d, acc)
     tl.store(row + DP, m_i)
     tl.store(row + DP + 1, l_i)
-    if SPLITS == 1:                                          # one chunk: merge it here
-        tl.debug_barrier()
-        _merge(part_ptr, o_ptr, bh, H, sob, soh, SPLITS, SP, D, DP)
-    elif FUSED:
-        # the last chunk of (b, h) to arrive merges them all, then leaves its counter at 0
-        tl.debug_barrier()                                   # the whole program's stores first
-        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
-            _merge(part_ptr, o_ptr, bh, H, sob, soh, SPLITS, SP, D, DP)
-            tl.atomic_xchg(cnt_ptr + bh, 0)
 
 
 @triton.jit
 def _combine_kernel(part_ptr, o_ptr, H, sob, soh, SPLITS: tl.constexpr, SP: tl.constexpr,
                     D: tl.constexpr, DP: tl.constexpr):
-    _merge(part_ptr, o_ptr, tl.program_id(0), H, sob, soh, SPLITS, SP, D, DP)
-
-
-@functools.cache
-def _counters(device: torch.device, stream: int) -> torch.Tensor:
-    """Arrival counters of the one-launch merge, one per (sequence, head), per device and
-    stream (launches on one stream run in turn); each launch leaves them at 0. As the ternary
-    kernel's (cuda_ternary._counters): first made inside a CUDA-graph capture, they come from
-    the graph's pool and its captured memset zeroes them at every replay."""
-    return torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device)
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh - b * H
+    s = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    live = s < SPLITS
+    base = part_ptr + (bh * SPLITS + s) * (DP + 2)
+    m = tl.load(base + DP, mask=live, other=float("-inf"))
+    l = tl.load(base + DP + 1, mask=live, other=0.0)
+    big = tl.max(m, axis=0)
+    big = tl.where(big == float("-inf"), 0.0, big)
+    w = tl.exp(m - big)                                      # 0 for chunks with no key
+    acc = tl.load(base[:, None] + d[None, :], mask=live[:, None], other=0.0)
+    num = tl.sum(w[:, None] * acc, axis=0)
+    den = tl.sum(w * l, axis=0)
+    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
 def split_count(bh: int, length: int) -> int:
@@ -151,13 +122,11 @@ def supported(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-           scale: float, fused: bool = True) -> torch.Tensor:
+           scale: float) -> torch.Tensor:
     """softmax(q kᵀ scale + mask) v for one query token: query [B, H, 1, D], key and value
     [B, Hkv, L, D] (any strides with a unit last one), mask None, bool or additive,
     broadcastable to [B, H, 1, L]. Returns [B, 1, H, D] (transformers' attention output
-    layout), contiguous, in query's dtype. fused: the chunks merged by the last program of
-    each (sequence, head) in the same launch; else by a second launch (the same result, bit
-    for bit). A single chunk is stored by its own program either way."""
+    layout), contiguous, in query's dtype."""
     B, H, _, D = query.shape
     Hkv, L = key.shape[1], key.shape[2]
     if query.stride(-1) != 1:
@@ -184,19 +153,11 @@ def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         mptr, ms = mask, (mb, mh, mask.stride(3))
     part = torch.empty(B * H * splits * (DP + 2), dtype=torch.float32, device=query.device)
     out = torch.empty(B, 1, H, D, dtype=query.dtype, device=query.device)
-    SP = triton.next_power_of_2(splits)
-    fused = fused or splits == 1
-    if fused and splits > 1:
-        dev = query.device
-        cnt = _counters(dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
-    else:
-        cnt = part
     _split_kernel[(B * H, splits)](
-        query, key, value, mptr, part, cnt, out, float(scale), L, H, H // Hkv,
+        query, key, value, mptr, part, float(scale), L, H, H // Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), *ms, out.stride(0), out.stride(2),
-        CHUNK=chunk, BLOCK=BLOCK_N, D=D, DP=DP, MASK=kind, SPLITS=splits, SP=SP, FUSED=fused, num_warps=WARPS)
-    if not fused:
-        _combine_kernel[(B * H,)](part, out, H, out.stride(0), out.stride(2), SPLITS=splits, SP=SP, D=D, DP=DP,
-                                  num_warps=WARPS)
+        value.stride(0), value.stride(1), value.stride(2), *ms,
+        CHUNK=chunk, BLOCK=BLOCK_N, D=D, DP=DP, MASK=kind, num_warps=WARPS)
+    _combine_kernel[(B * H,)](part, out, H, out.stride(0), out.stride(2), SPLITS=splits,
+                              SP=triton.next_power_of_2(splits), D=D, DP=DP, num_warps=4)
     return out
