@@ -4,7 +4,7 @@ hands every other call (prefill, CPU, dropout, soft-capping, attention sinks) to
 transformers' own SDPA function, with SDPA's masks.
 
     from pt2llm import attention
-    attention.use(model)        # what speed.Decoder does for `pt2llm bench` and generation
+    attention.use(model)        # what speed.Decoder (`pt2llm bench`) does
 
 It changes no weight and no result beyond float rounding (tests/test_attention.py holds it to
 SDPA's math in float64). Under torch.compile the kernel is one opaque op
