@@ -147,3 +147,26 @@ def test_model_decode_with_pt2llm_attention_matches_sdpa(monkeypatch):
     assert len(calls) == 2 * 6                                # every layer of every decode step, prefill not
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert _rel(got, ref) < 5e-3
+
+
+def test_decoder_switches_attention_and_close_gives_it_back():
+    """speed.Decoder runs its steps on the "pt2llm" attention function (on the CPU it hands
+    every call to SDPA: the same tokens as the model's own) and close() restores the model's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pt2llm.speed import Decoder
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    before = model.config._attn_implementation
+    prompt = torch.randint(0, 100, (1, 6))
+    ref = Decoder(model, 1, 20, attention="model").generate(prompt, 6)
+    assert model.config._attn_implementation == before
+    dec = Decoder(model, 1, 20)
+    assert model.config._attn_implementation == attention.NAME
+    assert torch.equal(dec.generate(prompt, 6), ref)
+    dec.close()
+    assert model.config._attn_implementation == before
+    with pytest.raises(ValueError, match="attention"):
+        Decoder(model, 1, 20, attention="flash")

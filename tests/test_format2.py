@@ -104,7 +104,8 @@ def test_bench_without_cuda_is_a_user_error(capsys):
 
 
 def test_bench_options_are_checked(capsys):
-    for args in (["bench", "m", "--prompt-len", "0"], ["bench", "m", "--new-tokens", "-3"], ["bench", "m", "--batch", "x"]):
+    for args in (["bench", "m", "--prompt-len", "0"], ["bench", "m", "--new-tokens", "-3"], ["bench", "m", "--batch", "x"],
+                 ["bench", "m", "--attention", "flash"]):
         with pytest.raises(SystemExit) as e:
             cli.main(args)
         assert e.value.code == 2
