@@ -24,7 +24,6 @@ the GPU on their own (docs/results/e2e.md).
 # No `from __future__ import annotations` here: torch.library.custom_op reads the type hints
 # to make each op's schema, and older torch (2.4) does not evaluate string annotations.
 import operator
-import os
 from typing import List, Optional
 
 import torch
@@ -187,10 +186,8 @@ def fuse_glu(gm: "torch.fx.GraphModule") -> int:
 
 
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor"):
-    """A torch.compile backend: fuse_glu (unless PT2LLM_FUSE_GLU=0), group_linears, then
-    `inner` (Inductor by default)."""
-    if os.environ.get("PT2LLM_FUSE_GLU", "1") != "0":
-        fuse_glu(gm)
+    """A torch.compile backend: fuse_glu, group_linears, then `inner` (Inductor by default)."""
+    fuse_glu(gm)
     group_linears(gm)
     from torch._dynamo.backends.registry import lookup_backend
     return lookup_backend(inner)(gm, example_inputs)
