@@ -5,7 +5,6 @@ NVRTC is installed (CI installs it: `nvidia-cuda-nvrtc-cu12`), its source compil
 and sm_90 without register spills. On CUDA: against the reference path, and the dispatch."""
 import ctypes
 import glob
-import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -120,20 +119,19 @@ def _compile(lib, name: str, arch: str, options: list[str]) -> bytes:
 
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_source_compiles_without_register_spills(arch, tmp_path):
-    """Every variant the package launches compiles (with and without the SiLU-product staging);
-    none spills registers (a spill costs more than it saves), except the M > 8 variant at 8
-    warps, which the defaults never build."""
+    """Every variant the package launches compiles; none spills registers (a spill costs more
+    than it saves), except the M > 8 variant at 8 warps, which the defaults never build."""
     lib = _nvrtc()
     if lib is None:
         pytest.skip("no NVRTC here (pip install nvidia-cuda-nvrtc-cu12)")
     tool = _cuobjdump()
     settings = {(s["warps"], s["minb"]) for s in (ct.TUNING["small"], ct.TUNING["large"])}
     for warps, minb in sorted(settings):
-        for (nt, m1), glu in itertools.product(((1, True), (1, False), (2, False)), (False, True)):
-            name = f"ternary_mma<{nt}, {'true' if m1 else 'false'}>"
-            cubin = _compile(lib, name, arch, ct.options(warps, minb, glu=glu))
+        for nt, m1 in ((1, True), (1, False), (2, False)):
+            cubin = _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch, ct.options(warps, minb))
             if arch == "90":  # the cluster fix-up (sm_90 only) compiles too
-                _compile(lib, name, arch, ct.options(warps, minb, 16, glu=glu))
+                _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch,
+                         ct.options(warps, minb, 16))
             if tool is None or (nt == 2 and warps == 8):
                 continue
             f = tmp_path / "k.cubin"
@@ -142,7 +140,7 @@ def test_source_compiles_without_register_spills(arch, tmp_path):
             lines = [ln for ln in usage.splitlines() if "REG:" in ln]
             assert len(lines) == 2  # the instantiated ternary_mma and dequant_original
             for line in lines:
-                assert "STACK:0 " in line and "LOCAL:0 " in line, (nt, m1, warps, minb, glu, line)
+                assert "STACK:0 " in line and "LOCAL:0 " in line, (nt, m1, warps, minb, line)
 
 
 def test_tuned_m1_settings_compile_without_spills(tmp_path):

@@ -77,9 +77,6 @@ typedef unsigned char u8;
 #ifndef CL
 #define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster
 #endif                       // (sm_90; launched with cluster dims (1, CL, 1): _launch_cluster)
-#ifndef GLU
-#define GLU 0                // 1: stage silu(x) * xu (a gated MLP's down projection; matmul_group's up)
-#endif
 #define RS 84                // words a block's row of staged activations takes (4 chunks of 16, padded)
 #define ROWS (WARPS * 80)    // weight rows a CTA
 
@@ -141,7 +138,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
     u16* __restrict__ out0, u16* __restrict__ out1, u16* __restrict__ out2,
     float* __restrict__ part, int* __restrict__ counters,
     int M, int N0, int N1, int N2, int K, int NB, int stride_xm, int per_split, int splits, int perm32,
-    int bias_mask, int tiles0, int tiles01) {
+    int bias_mask, int tiles0, int tiles01, int glu) {
   constexpr int XR = M1 ? 1 : NT * 8;
   constexpr int THREADS = 32 * WARPS;
   extern __shared__ __align__(16) u32 smem[];
@@ -189,7 +186,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   };
   fetch(b0);
 
-  // stage the activations x[m, perm[k]] of every block (zeros past K and M; with GLU, the
+  // stage the activations x[m, perm[k]] of every block (zeros past K and M; with glu, the
   // activations are silu(x) * xu, the input of a gated MLP's down projection) ...
   {
     u16* xh = (u16*)xs;
@@ -199,18 +196,17 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
       const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
       #pragma unroll
       for (int r = 0; r < XR; ++r) {
-#if GLU     // silu(x) * xu in fp32, rounded once (as Inductor's fused kernel)
         u16 v = 0;
         if (col >= 0 && r < M) {
           const long long at = (long long)r * stride_xm + col;
-          const float g = h2f(x[at]);
-          v = f2h(g / (1.f + __expf(-g)) * h2f(xu[at]));
+          if (glu) {  // x = silu(gate) * up, in fp32, rounded once (as Inductor's fused kernel)
+            const float g = h2f(x[at]);
+            v = f2h(g / (1.f + __expf(-g)) * h2f(xu[at]));
+          } else {
+            v = x[at];
+          }
         }
         xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] = v;
-#else
-        xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] =
-            (col >= 0 && r < M) ? x[(long long)r * stride_xm + col] : (u16)0;
-#endif
       }
     }
   }
@@ -460,9 +456,9 @@ def _variant(m: int) -> tuple[int, bool]:
     return (1 if m <= 8 else 2), m == 1
 
 
-def options(warps: int, minb: int, cluster: int = 1, minb2: int = 2, glu: bool = False) -> list[str]:
+def options(warps: int, minb: int, cluster: int = 1, minb2: int = 2) -> list[str]:
     return (["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"] + ([f"-DCL={cluster}"] if cluster > 1 else [])
-            + ([f"-DMINB2={minb2}"] if minb2 != 2 else []) + (["-DGLU=1"] if glu else []))
+            + ([f"-DMINB2={minb2}"] if minb2 != 2 else []))
 
 
 def _device(t: torch.Tensor) -> int:
@@ -479,14 +475,12 @@ def _compile(name: str, capability: tuple[int, int], opts: tuple[str, ...]):
                           nvcc_options=list(opts))
 
 
-def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1, minb2: int = 2,
-            glu: bool = False):
+def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1, minb2: int = 2):
     """The mma kernel that takes M = m rows, with these launch settings (cluster > 1: its
-    splits are one cluster of that many CTAs; minb2: CTAs an SM of the M > 8 variant; glu:
-    the variant that stages silu(x) * xu)."""
+    splits are one cluster of that many CTAs; minb2: CTAs an SM of the M > 8 variant)."""
     nt, m1 = _variant(m)
     return _compile(f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", capability,
-                    tuple(options(warps, minb, cluster, minb2 if nt == 2 else 2, glu)))
+                    tuple(options(warps, minb, cluster, minb2 if nt == 2 else 2)))
 
 
 def _final_splits(blocks: int, splits: int) -> int:
@@ -733,7 +727,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers],
                                               [layer[5] for layer in layers], dev, splits, cluster, over)
     per = -(-NB // splits)
-    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"], up is not None)
+    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"])
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
     part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 and not cl else outs[0]
     counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
@@ -747,7 +741,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     ends = [sum(tiles[:1]), sum(tiles[:2])]
     grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
     args = [x2, x2 if up is None else up, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits,
-            int(perm32), bias_mask, *ends]
+            int(perm32), bias_mask, *ends, int(up is not None)]
     if cl:
         _launch_cluster(kern, grid, block, smem, args, cl)
     else:
