@@ -399,35 +399,3 @@ def test_a_group_launch_gives_each_layer_its_own_launchs_output(shapes, k):
                 assert err < 1e-3, (m, err)  # the group's split count may differ from each layer's
     with pytest.raises(ValueError):
         ct.matmul_group(x, tup * 2)
-
-
-@needs_cuda
-@pytest.mark.parametrize("n,k", [(1000, 1408), (4096, 11008), (81, 96)])
-def test_the_glu_staging_computes_the_silu_product(n, k):
-    """matmul(gate, up=up) (a gated MLP's down projection, the SiLU product computed as the
-    CTAs stage the activations) against matmul of the product computed in fp32 and rounded to
-    fp16, at every split-sum path; linear_glu takes it at decode rows and falls back to the
-    product and linear beyond them, and refuses nothing: mismatched up shapes go the fallback."""
-    gen = torch.Generator().manual_seed(n + k)
-    L, w = _layer(n, k, gen, True)
-    for m in (1, 5, 16):
-        g = (2 * torch.randn(m, k, generator=gen)).half().cuda()
-        u = torch.randn(m, k, generator=gen).half().cuda()
-        x = (torch.nn.functional.silu(g.float()) * u.float()).half()
-        ref = x.double().cpu()[:, L["perm"].long().cpu()] @ w.T + L["bias"].double().cpu()
-        for splits, cluster in ((None, None), (1, None), (3, False), (4, True)):
-            if cluster and torch.cuda.get_device_capability() < (9, 0):
-                continue
-            want = ct.matmul(x, **L, n_out=n, splits=splits, cluster=cluster)
-            got = ct.matmul(g, **L, n_out=n, splits=splits, cluster=cluster, up=u)
-            assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-3, (m, splits)
-            assert float((got.double().cpu() - ref).norm() / ref.norm()) < 2e-3
-        y = tt.linear_glu(g[None], u[None], L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n, 128)
-        assert y.shape == (1, m, n)
-        assert float((y[0].double().cpu() - ref).norm() / ref.norm()) < 2e-3
-    with pytest.raises(ValueError, match="up must match"):
-        ct.matmul(g, **L, n_out=n, up=u[:, :-32])
-    big = torch.randn(40, k, generator=gen).half().cuda()  # prefill rows: the product, then linear
-    y = tt.linear_glu(big, big, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n, 128)
-    want = tt.linear(torch.nn.functional.silu(big) * big, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n, 128)
-    assert torch.equal(y, want)

@@ -129,7 +129,7 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
 // (XR rows: 1 when M = 1, else 8 NT), then its rows' (alpha, mu) pairs, am[block][ROWS].
 template <int NT, bool M1>
 __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mma(
-    const u16* __restrict__ x, const u16* __restrict__ xu,
+    const u16* __restrict__ x,
     const u8* __restrict__ packed0, const u8* __restrict__ packed1, const u8* __restrict__ packed2,
     const u16* __restrict__ alpha0, const u16* __restrict__ alpha1, const u16* __restrict__ alpha2,
     const u16* __restrict__ mu0, const u16* __restrict__ mu1, const u16* __restrict__ mu2,
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
     u16* __restrict__ out0, u16* __restrict__ out1, u16* __restrict__ out2,
     float* __restrict__ part, int* __restrict__ counters,
     int M, int N0, int N1, int N2, int K, int NB, int stride_xm, int per_split, int splits, int perm32,
-    int bias_mask, int tiles0, int tiles01, int glu) {
+    int bias_mask, int tiles0, int tiles01) {
   constexpr int XR = M1 ? 1 : NT * 8;
   constexpr int THREADS = 32 * WARPS;
   extern __shared__ __align__(16) u32 smem[];
@@ -186,8 +186,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   };
   fetch(b0);
 
-  // stage the activations x[m, perm[k]] of every block (zeros past K and M; with glu, the
-  // activations are silu(x) * xu, the input of a gated MLP's down projection) ...
+  // stage the activations x[m, perm[k]] of every block (zeros past K and M) ...
   {
     u16* xh = (u16*)xs;
     #pragma unroll 4
@@ -195,19 +194,9 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
       const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
       const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
       #pragma unroll
-      for (int r = 0; r < XR; ++r) {
-        u16 v = 0;
-        if (col >= 0 && r < M) {
-          const long long at = (long long)r * stride_xm + col;
-          if (glu) {  // x = silu(gate) * up, in fp32, rounded once (as Inductor's fused kernel)
-            const float g = h2f(x[at]);
-            v = f2h(g / (1.f + __expf(-g)) * h2f(xu[at]));
-          } else {
-            v = x[at];
-          }
-        }
-        xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] = v;
-      }
+      for (int r = 0; r < XR; ++r)
+        xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] =
+            (col >= 0 && r < M) ? x[(long long)r * stride_xm + col] : (u16)0;
     }
   }
   // ... and the (alpha, mu) of the CTA's rows at its blocks (rows past N: row N - 1, never stored)
@@ -642,11 +631,10 @@ def _counters(device_index: int, stream: int) -> torch.Tensor:
 
 
 def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: int | None = None,
-           up: torch.Tensor | None = None, **over) -> torch.Tensor:
+           **over) -> torch.Tensor:
     """x2 [M, K] fp16 (rows contiguous, M <= 16) -> [M, n_out] fp16; `supported` must hold.
-    `over` overrides TUNING's settings; `splits` fixes the split-K count; `up`: the layer reads
-    silu(x2) * up (matmul_group)."""
-    return matmul_group(x2, [(packed, alpha, mu, perm, bias, n_out)], splits, up=up, **over)[0]
+    `over` overrides TUNING's settings; `splits` fixes the split-K count."""
+    return matmul_group(x2, [(packed, alpha, mu, perm, bias, n_out)], splits, **over)[0]
 
 
 MAX_GROUP = 3  # layers one launch takes (the kernel's packed0..packed2)
@@ -695,7 +683,7 @@ def clustered(x2: torch.Tensor, layers) -> bool:
 
 
 def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool | None = None,
-                 up: torch.Tensor | None = None, **over) -> list[torch.Tensor]:
+                 **over) -> list[torch.Tensor]:
     """One launch for up to MAX_GROUP layers that read the same x2 [M, K] (q/k/v, gate/up):
     layers = [(packed, alpha, mu, perm, bias, n_out), ...] with the same K and perm dtype,
     `supported` holding for each -> their outputs [M, n_out] fp16, in order. Each layer's
@@ -704,16 +692,10 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     given (then the split count may be lower than split_count's), True takes a cluster of the
     split count (2 to the settings' "max_cluster", on sm_90), False (or None with `splits`) the
     global fix-up.
-    Both sum in split order: at one split count, the same output bit for bit.
-    up: a tensor like x2 (same shape and row stride): the layers then read silu(x2) * up,
-    computed in fp32 and rounded once to fp16 as the CTAs stage it (a gated MLP's down
-    projection, its SiLU product fused: ops.fuse_glu)."""
+    Both sum in split order: at one split count, the same output bit for bit."""
     if not 1 <= len(layers) <= MAX_GROUP:
         raise ValueError(f"the CUDA kernel takes 1 to {MAX_GROUP} layers a launch, not {len(layers)}")
     M, K = x2.shape
-    if up is not None and (up.shape != x2.shape or up.dtype != x2.dtype or up.stride() != x2.stride()
-                           or up.device != x2.device):
-        raise ValueError("up must match x2's shape, dtype, strides and device")
     NB = layers[0][1].shape[1]
     perm32 = layers[0][3].dtype == torch.int32
     for packed, alpha, mu, perm, _, n_out in layers:
@@ -740,8 +722,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     bias_mask = sum(1 << i for i, layer in enumerate(layers) if layer[4] is not None)
     ends = [sum(tiles[:1]), sum(tiles[:2])]
     grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
-    args = [x2, x2 if up is None else up, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits,
-            int(perm32), bias_mask, *ends, int(up is not None)]
+    args = [x2, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
     if cl:
         _launch_cluster(kern, grid, block, smem, args, cl)
     else:

@@ -10,13 +10,9 @@ rotary embedding, the SiLU product, attention glue); eager calls keep the plain 
     torch.ops.pt2llm.ternary_linear_group(x, [packed], [alpha], [mu], [perm], [bias], [n_out], block_size)
     torch.ops.pt2llm.hadamard_input(x, signs)
     torch.ops.pt2llm.decode_attention(query, key, value, mask, scale)
-    torch.ops.pt2llm.ternary_linear_glu(gate, up, packed, alpha, mu, perm, bias, n_out, block_size)
 
 `backend` (torch.compile(fn, backend=ops.backend)) rewrites the captured graph before
-Inductor. A ternary_linear whose input is silu(gate) * up (a gated MLP's down projection)
-becomes one ternary_linear_glu call, which the CUDA kernel runs with the product computed
-as it stages its activations (`fuse_glu`: no SiLU-product kernel between the launches). And
-ternary_linear calls on the same input (a decoder layer's q/k/v, its gate/up) become
+Inductor: ternary_linear calls on the same input (a decoder layer's q/k/v, its gate/up) become
 one ternary_linear_group call, which at decode sizes is one CUDA launch
 (triton_ternary.linear_group). At M = 1 a 7B layer's q, k and v are each too short to fill
 the GPU on their own (docs/results/e2e.md).
@@ -42,20 +38,6 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, m
 @ternary_linear.register_fake
 def _(x, packed, alpha, mu, perm, bias, n_out, block_size):
     return x.new_empty(*x.shape[:-1], n_out)
-
-
-@torch.library.custom_op("pt2llm::ternary_linear_glu", mutates_args=())
-def ternary_linear_glu(gate: torch.Tensor, up: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
-                       mu: torch.Tensor, perm: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
-                       block_size: int) -> torch.Tensor:
-    """triton_ternary.linear_glu: ternary_linear of silu(gate) * up (gate and up of one shape)."""
-    from .triton_ternary import linear_glu
-    return linear_glu(gate, up, packed, alpha, mu, perm, bias, n_out, block_size)
-
-
-@ternary_linear_glu.register_fake
-def _(gate, up, packed, alpha, mu, perm, bias, n_out, block_size):
-    return gate.new_empty(*gate.shape[:-1], n_out)
 
 
 @torch.library.custom_op("pt2llm::hadamard_input", mutates_args=())
@@ -136,58 +118,8 @@ def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
     return made
 
 
-_SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default)
-_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
-
-
-def _example(node):
-    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def fuse_glu(gm: "torch.fx.GraphModule") -> int:
-    """Replace ternary_linear(silu(gate) * up, ...) by ternary_linear_glu(gate, up, ...) where
-    the SiLU and the product feed nothing else and gate and up have one shape and dtype (as
-    the graph's example values say); returns how many calls were replaced."""
-    single = torch.ops.pt2llm.ternary_linear.default
-    made = 0
-    for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target is single and len(node.args) == 8 and not node.kwargs):
-            continue
-        prod = node.args[0]
-        if not (isinstance(prod, torch.fx.Node) and prod.op == "call_function" and prod.target in _MUL
-                and len(prod.args) == 2 and not prod.kwargs and len(prod.users) == 1):
-            continue
-        found = None
-        for silu, up in (prod.args, prod.args[::-1]):
-            if (isinstance(silu, torch.fx.Node) and silu.op == "call_function" and silu.target in _SILU
-                    and len(silu.args) == 1 and not silu.kwargs.get("inplace", False) and len(silu.users) == 1
-                    and isinstance(up, torch.fx.Node)):
-                found = silu, up
-                break
-        if found is None:
-            continue
-        silu, up = found
-        gate = silu.args[0]
-        eg, eu = _example(gate), _example(up)
-        if eg is None or eu is None or eg.shape != eu.shape or eg.dtype != eu.dtype:
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.pt2llm.ternary_linear_glu.default, (gate, up, *node.args[1:]))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        for dead in (node, prod, silu):
-            gm.graph.erase_node(dead)
-        made += 1
-    if made:
-        gm.graph.lint()
-        gm.recompile()
-    return made
-
-
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor"):
-    """A torch.compile backend: fuse_glu, group_linears, then `inner` (Inductor by default)."""
-    fuse_glu(gm)
+    """A torch.compile backend: group_linears, then `inner` (Inductor by default)."""
     group_linears(gm)
     from torch._dynamo.backends.registry import lookup_backend
     return lookup_backend(inner)(gm, example_inputs)

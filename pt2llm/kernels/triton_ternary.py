@@ -426,21 +426,6 @@ def linear_group(x: torch.Tensor, layers, block_size: int) -> list[torch.Tensor]
     return [linear(x, *layer, block_size) for layer in layers]
 
 
-def linear_glu(gate: torch.Tensor, up: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int,
-               block_size: int) -> torch.Tensor:
-    """linear(silu(gate) * up, ...): a gated MLP's down projection. Where the CUDA kernel takes
-    the rows (use_mma), its CTAs compute the SiLU product in fp32 as they stage the
-    activations (one launch, no product tensor); else the product first, then `linear`."""
-    if gate.shape == up.shape and gate.dtype == up.dtype:
-        g2, u2 = _rows(gate), _rows(up)
-        if g2.stride() == u2.stride() and use_mma(g2, packed, perm, block_size, n_out):
-            from . import cuda_ternary
-            y = cuda_ternary.matmul(g2, packed, alpha, mu, perm, None if bias is None else bias.to(gate.dtype),
-                                    n_out, up=u2)
-            return y.reshape(*gate.shape[:-1], n_out)
-    return linear(torch.nn.functional.silu(gate) * up, packed, alpha, mu, perm, bias, n_out, block_size)
-
-
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
