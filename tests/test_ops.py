@@ -1,4 +1,5 @@
-"""The custom ops torch.compile sees (pt2llm/kernels/ops.py): on the CPU through Triton's
+"""The custom ops torch.compile sees (pt2llm/kernels/ops.py; the decode-attention op's own
+tests are tests/test_attention.py): on the CPU through Triton's
 interpreter, torch.library's own checks (schema, fake tensor, autograd registration) and a
 compiled call equal to the eager kernel; on CUDA, a compiled TernaryLinear (with and without
 an online Hadamard) against its eager forward, through the op."""
@@ -121,6 +122,15 @@ def test_backend_groups_the_linears_that_read_one_input():
     out = torch.compile(fn, backend=functools.partial(ops.backend, inner="aot_eager"), fullgraph=True)(x)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_decode_attention_op_passes_torch_library_checks():
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 1, 32, generator=gen).half().to(DEV)
+    k, v = (torch.randn(1, 2, 40, 32, generator=gen).half().to(DEV) for _ in range(2))
+    mask = (torch.arange(40) < 25)[None, None, None].to(DEV)
+    torch.library.opcheck(torch.ops.pt2llm.decode_attention.default, (q, k, v, mask, 0.2),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.skipif(not CUDA, reason="the compiled path uses the GPU kernels")
