@@ -170,3 +170,23 @@ def test_decoder_switches_attention_and_close_gives_it_back():
     assert model.config._attn_implementation == before
     with pytest.raises(ValueError, match="attention"):
         Decoder(model, 1, 20, attention="flash")
+
+
+@pytest.mark.skipif(not CUDA, reason="a CUDA graph of the decode step")
+def test_decode_step_captured_as_a_cuda_graph_uses_the_kernel():
+    """`pt2llm bench`'s decode loop on CUDA: the step, with the kernel in every layer, captured
+    as a CUDA graph and replayed, decodes what the eager step with SDPA decodes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pt2llm.speed import Decoder
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).cuda().eval()
+    prompt = torch.randint(0, 100, (1, 9), device="cuda")
+    ref = Decoder(model, 1, 30, attention="model").generate(prompt, 10)
+    dec = Decoder(model, 1, 30)
+    dec.prefill(prompt)
+    dec.capture()
+    assert torch.equal(dec.generate(prompt, 10), ref)
+    dec.close()
