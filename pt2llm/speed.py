@@ -146,15 +146,21 @@ def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1,
 
     dec = Decoder(model, batch, prompt_len + new_tokens + 4, compile=compile, attention=attention)
     try:
-        return _time_decode(dec, model, prompt, prompt_len, new_tokens, batch, graphs, compile, prefill_ms,
-                            weights, attention)
+        decode_ms, how = _decode_ms(dec, prompt, new_tokens, graphs, compile)
     finally:
         dec.close()
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "prefill_ms": round(prefill_ms, 3), "prefill_tokens_per_s": round(batch * prompt_len / prefill_ms * 1e3, 1),
+            "decode_ms_per_token": round(decode_ms / new_tokens, 4),
+            "decode_tokens_per_s": round(batch * new_tokens / decode_ms * 1e3, 1), "decode_mode": how,
+            "attention": attention,
+            "model_gib": round(weights / 2**30, 3), "model_gb": round(weights / 1e9, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3),
+            "device": torch.cuda.get_device_name(dev)}
 
 
-def _time_decode(dec, model, prompt, prompt_len, new_tokens, batch, graphs, compile, prefill_ms, weights,
-                 attention) -> dict:
-    dev = prompt.device
+def _decode_ms(dec: Decoder, prompt: torch.Tensor, new_tokens: int, graphs: bool, compile: bool):
+    """(median ms for new_tokens decode steps after the prompt, how the step ran)."""
     dec.prefill(prompt)
     how = "eager"
     if graphs:
@@ -174,12 +180,4 @@ def _time_decode(dec, model, prompt, prompt_len, new_tokens, batch, graphs, comp
         dec.prefill(prompt)  # each run starts after the same prompt (outside the timed region)
         torch.cuda.synchronize()
         times += _events_ms(lambda: [dec.step() for _ in range(new_tokens)], 1)
-    decode_ms = statistics.median(times)
-    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "prefill_ms": round(prefill_ms, 3), "prefill_tokens_per_s": round(batch * prompt_len / prefill_ms * 1e3, 1),
-            "decode_ms_per_token": round(decode_ms / new_tokens, 4),
-            "decode_tokens_per_s": round(batch * new_tokens / decode_ms * 1e3, 1), "decode_mode": how,
-            "attention": attention,
-            "model_gib": round(weights / 2**30, 3), "model_gb": round(weights / 1e9, 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3),
-            "device": torch.cuda.get_device_name(dev)}
+    return statistics.median(times), how

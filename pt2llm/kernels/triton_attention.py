@@ -1,5 +1,6 @@
 """Triton kernel for decode attention (one query token a sequence) over a static KV cache,
-split along the keys (flash-decoding), for `pt2llm bench` and generation on CUDA.
+split along the keys (flash-decoding): the decode step's attention in `pt2llm bench`
+(speed.Decoder), and in any transformers model switched to it (pt2llm.attention).
 
 At batch 1 a decode step's attention reads a few MB of cache a layer, which the copy
 bandwidth moves in 1-2 µs, yet the SDPA backend torch picks on an H100 (cuDNN's flash
@@ -159,5 +160,5 @@ def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         value.stride(0), value.stride(1), value.stride(2), *ms,
         CHUNK=chunk, BLOCK=BLOCK_N, D=D, DP=DP, MASK=kind, num_warps=WARPS)
     _combine_kernel[(B * H,)](part, out, H, out.stride(0), out.stride(2), SPLITS=splits,
-                              SP=triton.next_power_of_2(splits), D=D, DP=DP, num_warps=4)
+                              SP=triton.next_power_of_2(splits), D=D, DP=DP, num_warps=4)  # not swept
     return out
