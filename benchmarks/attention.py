@@ -73,7 +73,9 @@ def run(args):
         lines = ["# Decode attention: the split-key Triton kernel against SDPA", "",
                  f"{dev}, {date}. One query token a sequence, fp16, a static cache of `cache` positions of which "
                  f"`filled` are attended (bool mask), as a decode step calls attention. SDPA: transformers' "
-                 f"`sdpa_attention_forward` (torch picks the backend). Copy bandwidth {bw / 1e12:.2f} TB/s. "
+                 f"`sdpa_attention_forward` (torch picks the backend). Bandwidth share: the filled positions' keys "
+                 f"and values (kv heads) over the kernel's time, against a device-to-device copy's "
+                 f"{bw / 1e12:.2f} TB/s. "
                  "Regenerate: `PYTHONPATH=$PWD python3 benchmarks/attention.py --out docs/results`.", "",
                  "| model (heads / kv heads / dim) | batch | cache | filled | SDPA µs | pt2llm µs | speedup | splits | bandwidth share |",
                  "|---|---|---|---|---|---|---|---|---|"]
