@@ -33,6 +33,26 @@ MODELS = [("7B", 32, 32, 128), ("70B", 64, 8, 128), ("Qwen-0.5B", 14, 2, 64)]
 CASES = [(388, 128), (388, 384), (4096, 2048)]
 
 
+def _case(H: int, Hkv: int, D: int, L: int, filled: int, B: int, gen):
+    """(tensors, sdpa, kernel): a decode step's inputs (random fp16 query and cache, a bool mask
+    of the first `filled` positions) and the two attentions as functions of them."""
+    q = torch.randn(B, H, 1, D, device="cuda", generator=gen, dtype=torch.float16)
+    k = torch.randn(B, Hkv, L, D, device="cuda", generator=gen, dtype=torch.float16)
+    v = torch.randn(B, Hkv, L, D, device="cuda", generator=gen, dtype=torch.float16)
+    mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    mask[..., :filled] = True
+    module = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True, training=False)
+    scale = D ** -0.5
+
+    def sdpa(q, k, v, mask):
+        return attention._sdpa(module, q, k, v, mask, scaling=scale)[0]
+
+    def kernel(q, k, v, mask):
+        return triton_attention.decode(q, k, v, mask, scale)
+
+    return dict(q=q, k=k, v=v, mask=mask), sdpa, kernel
+
+
 def run(args):
     dev = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -40,24 +60,11 @@ def run(args):
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, H, Hkv, D in MODELS:
-        module = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True, training=False)
         for L, filled in CASES:
             for B in args.batch:
-                q = torch.randn(B, H, 1, D, device="cuda", generator=gen, dtype=torch.float16)
-                k = torch.randn(B, Hkv, L, D, device="cuda", generator=gen, dtype=torch.float16)
-                v = torch.randn(B, Hkv, L, D, device="cuda", generator=gen, dtype=torch.float16)
-                mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device="cuda")
-                mask[..., :filled] = True
-                scale = D ** -0.5
-                t = dict(q=q, k=k, v=v, mask=mask)
-
-                def sdpa(q, k, v, mask):
-                    return attention._sdpa(module, q, k, v, mask, scaling=scale)[0]
-
-                def kernel(q, k, v, mask):
-                    return triton_attention.decode(q, k, v, mask, scale)
-
-                err = float((kernel(**t).float() - sdpa(**t).float()).norm() / sdpa(**t).float().norm())
+                t, sdpa, kernel = _case(H, Hkv, D, L, filled, B, gen)
+                ref = sdpa(**t).float()
+                err = float((kernel(**t).float() - ref).norm() / ref.norm())
                 us = paired_us({"sdpa": (sdpa, t), "pt2llm": (kernel, t)}, args.reps)
                 need = 2 * B * Hkv * filled * D * 2
                 rows.append({"model": name, "batch": B, "cache_len": L, "filled": filled, "heads": H,
@@ -91,21 +98,14 @@ def sweep(args):
     defaults = triton_attention.BLOCK_N, triton_attention.WARPS
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, H, Hkv, D in MODELS:
-        module = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True, training=False)
         for L, filled in CASES:
-            B = 1
-            q = torch.randn(B, H, 1, D, device="cuda", generator=gen, dtype=torch.float16)
-            k = torch.randn(B, Hkv, L, D, device="cuda", generator=gen, dtype=torch.float16)
-            v = torch.randn(B, Hkv, L, D, device="cuda", generator=gen, dtype=torch.float16)
-            mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device="cuda")
-            mask[..., :filled] = True
-            t = dict(q=q, k=k, v=v, mask=mask)
-            variants = {"sdpa": (lambda q, k, v, mask: attention._sdpa(module, q, k, v, mask, scaling=0.1)[0], t)}
+            t, sdpa, _ = _case(H, Hkv, D, L, filled, 1, gen)
+            variants = {"sdpa": (sdpa, t)}
             for bn in (32, 64, 128):
                 for w in (2, 4, 8):
                     def fn(q, k, v, mask, bn=bn, w=w):
                         triton_attention.BLOCK_N, triton_attention.WARPS = bn, w
-                        return triton_attention.decode(q, k, v, mask, 0.1)
+                        return triton_attention.decode(q, k, v, mask, D ** -0.5)
                     variants[f"b{bn}w{w}"] = (fn, t)
             us = paired_us(variants, args.reps)
             print(name, L, filled, {k: round(x, 2) for k, x in us.items()}, flush=True)

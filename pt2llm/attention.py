@@ -68,25 +68,24 @@ def register() -> None:
     _REGISTERED = True
 
 
+def _set(model, name: str) -> None:
+    if model.config._attn_implementation == name:
+        return
+    if hasattr(model, "set_attn_implementation"):  # transformers that validates and reaches submodels
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
 def use(model) -> str:
     """Switch `model` (and its submodels) to the "pt2llm" attention function; returns the
     implementation it had, for `restore`."""
     register()
     before = model.config._attn_implementation
-    if before == NAME:
-        return before
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
-    else:
-        model.config._attn_implementation = NAME
+    _set(model, NAME)
     return before
 
 
 def restore(model, before: str) -> None:
     """Undo `use`."""
-    if model.config._attn_implementation == before:
-        return
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(before)
-    else:
-        model.config._attn_implementation = before
+    _set(model, before)
