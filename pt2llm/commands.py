@@ -178,13 +178,27 @@ def rotate(args) -> int:
 
 
 def generate(args) -> int:
+    """Greedy decoding on a static cache (speed.generate: a CUDA graph of the step on a GPU)."""
+    from . import speed
+
     device = _device(args.device)
     model, tok, _ = sources.load_any(args.model, device=device)
-    ids = tok(args.prompt, return_tensors="pt").to(device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    print(tok.decode(out[0], skip_special_tokens=True))
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty after tokenization")
+    _check_context(model, ids.shape[1] + args.max_new_tokens,
+                   f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens", "the model's")
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = tok.eos_token_id if eos is None else eos
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile)
+    new = [t for t in r["tokens"][0].tolist() if t >= 0]
+    print(tok.decode(ids[0].tolist() + new, skip_special_tokens=True))
+    steps = r["steps"]
+    rate = f", {steps / r['decode_s']:.1f} tokens/s" if steps and r["decode_s"] > 0 else ""
+    print(f"prefill {ids.shape[1]} tokens in {r['prefill_s'] * 1e3:.1f} ms; {len(new)} new tokens "
+          f"({steps} decode steps in {r['decode_s'] * 1e3:.1f} ms{rate}; {device}, {r['decode_mode']})",
+          file=sys.stderr)
     return 0
 
 

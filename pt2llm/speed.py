@@ -126,6 +126,63 @@ class Decoder:
             self._attn_before = None
 
 
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | frozenset = frozenset(), *,
+             graphs: bool = True, compile: bool = False, attention: str = "pt2llm", check_every: int = 16) -> dict:
+    """Greedy continuation of `prompt` [batch, n] through the decode step above (what `pt2llm
+    generate` runs): at most `max_new_tokens` tokens a sequence, stopping once every sequence
+    has produced one of `eos` (a sequence's tokens after its first eos are cut off, to -1).
+    On CUDA the step is a CUDA graph unless graphs=False (eager if capture fails); the tokens
+    are checked for eos every `check_every` steps, so the GPU is not synchronised each step.
+    Returns {"tokens": [batch, k] (k <= max_new_tokens, -1 after a sequence's eos),
+    "prefill_s", "decode_s", "steps", "decode_mode"}; the times include the first step's
+    compilation when compile=True."""
+    import time
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dev = prompt.device
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dec = Decoder(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, compile=compile, attention=attention)
+    try:
+        how = "eager"
+        if graphs and cuda and max_new_tokens > 1:
+            dec.prefill(prompt[:, :1])  # the cache's buffers exist before capture (the real prefill resets them)
+            try:
+                dec.capture()
+                how = "cuda-graph"
+            except RuntimeError as e:
+                how = f"eager (graph capture failed: {str(e).splitlines()[0][:120]})"
+                dec.graph = None
+        if compile:
+            how += " + torch.compile"
+        sync()
+        t0 = time.perf_counter()
+        dec.prefill(prompt)
+        out = torch.full((prompt.shape[0], max_new_tokens), -1, dtype=torch.long, device=dev)
+        out[:, 0] = dec.ids[:, 0]
+        sync()
+        t1 = time.perf_counter()
+        n = 1
+        eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
+        while n < max_new_tokens and not (eos and torch.isin(out[:, :n], eos_t).any(1).all()):
+            for _ in range(min(check_every, max_new_tokens - n)):
+                dec.step()
+                out[:, n] = dec.ids[:, 0]
+                n += 1
+        sync()
+        t2 = time.perf_counter()
+    finally:
+        dec.close()
+    out = out[:, :n]
+    if eos:  # cut each sequence after its first eos
+        hit = torch.isin(out, eos_t).long()
+        out[(hit.cumsum(1) - hit) > 0] = -1
+        k = int((out >= 0).sum(1).max())
+        out = out[:, :k]
+    return {"tokens": out.cpu(), "prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n - 1, "decode_mode": how}
+
+
 def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1, graphs: bool = True,
             seed: int = 0, compile: bool = False, attention: str = "pt2llm") -> dict:
     """Prefill and decode tokens/s and memory of `model` (on a CUDA device, in eval mode);

@@ -1,0 +1,101 @@
+"""`pt2llm generate`: greedy decoding on a static cache (speed.generate), stopping at eos."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from pt2llm import cli, speed
+
+
+def _model(kind="llama", seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _hf(model, prompt, n, eos=None):
+    """transformers' own greedy generate: new tokens, padded with -1 after a sequence ends."""
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=-1 if eos is not None else 0)[:, prompt.shape[1]:]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tokens_match_transformers_generate(kind):
+    model = _model(kind)
+    prompt = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    r = speed.generate(model, prompt, 12)
+    assert torch.equal(r["tokens"], _hf(model, prompt, 12))
+    assert r["steps"] == 11 and r["decode_mode"] == "eager"
+
+
+def test_stops_at_eos_like_transformers():
+    model = _model()
+    prompt = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(4))
+    free = speed.generate(model, prompt, 20, check_every=3)["tokens"][0].tolist()
+    eos = free[6]  # a token that first appears at step 6 or before: generation must end there
+    first = free.index(eos)
+    r = speed.generate(model, prompt, 20, {eos}, check_every=3)
+    assert r["tokens"][0].tolist() == free[:first + 1]
+    assert torch.equal(r["tokens"], _hf(model, prompt, 20, eos)[:, :first + 1])
+    # checked every 3 steps: at most 2 steps past the eos were run, and none after the limit
+    assert first <= r["steps"] <= first + 2
+
+
+def test_batch_pads_each_sequence_after_its_own_eos():
+    model = _model(seed=2)
+    prompt = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(5))
+    free = speed.generate(model, prompt, 16)["tokens"]
+    # an eos that one sequence reaches before the other
+    pick = next(t for t in free[0].tolist() if t not in free[1].tolist()[:8])
+    r = speed.generate(model, prompt, 16, {pick}, check_every=4)["tokens"]
+    i = free[0].tolist().index(pick)
+    assert r[0, :i + 1].tolist() == free[0, :i + 1].tolist() and (r[0, i + 1:] == -1).all()
+    j = free[1].tolist().index(pick) if pick in free[1].tolist() else 16
+    assert r[1, :j + 1].tolist() == free[1, :j + 1].tolist()[:r.shape[1]]
+
+
+def test_one_token_and_bad_counts():
+    model = _model()
+    prompt = torch.randint(0, 100, (1, 4))
+    r = speed.generate(model, prompt, 1)
+    assert r["tokens"].shape == (1, 1) and r["steps"] == 0
+    assert torch.equal(r["tokens"], _hf(model, prompt, 1))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speed.generate(model, prompt, 0)
+
+
+def test_the_model_keeps_its_attention():
+    model = _model()
+    before = model.config._attn_implementation
+    speed.generate(model, torch.randint(0, 100, (1, 4)), 3)
+    assert model.config._attn_implementation == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
+def test_cuda_graph_tokens_match_eager():
+    model = _model().half().cuda()
+    prompt = torch.randint(0, 100, (1, 6), device="cuda")
+    g = speed.generate(model, prompt, 24, check_every=5)
+    e = speed.generate(model, prompt, 24, graphs=False)
+    assert g["decode_mode"] == "cuda-graph" and e["decode_mode"] == "eager"
+    assert torch.equal(g["tokens"], e["tokens"])
+    eos = g["tokens"][0, 9].item()
+    first = g["tokens"][0].tolist().index(eos)
+    stop = speed.generate(model, prompt, 24, {eos}, check_every=5)
+    assert stop["tokens"][0].tolist() == g["tokens"][0, :first + 1].tolist()
+
+
+def test_command_prints_text_and_speed(tiny, capsys):
+    _, d = tiny
+    assert cli.main(["generate", str(d / "float"), "the quick", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().startswith("the quick")
+    assert "prefill" in err and "new tokens" in err and "cpu" in err
+
+
+def test_command_refuses_more_than_the_context(tiny, capsys):
+    _, d = tiny
+    assert cli.main(["generate", str(d / "float"), "the quick", "--max-new-tokens", "100000", "--device", "cpu"]) != 0
+    assert "context" in capsys.readouterr().err
