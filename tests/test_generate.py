@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from pt2llm import cli, speed
+from pt2llm import cli, pack, speed
+from pt2llm.nn import TernaryLinear
 
 
 def _model(kind="llama", seed=0):
@@ -73,9 +74,32 @@ def test_the_model_keeps_its_attention():
     assert model.config._attn_implementation == before
 
 
+def _ternarize(model, gen):
+    """Every decoder linear -> TernaryLinear with random codes, alpha, mu and column order."""
+    dev = next(model.parameters()).device
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                t = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None, device=dev)
+                codes = torch.randint(-1, 2, (lin.out_features, lin.in_features), generator=gen, device=dev)
+                t.packed.copy_(pack.pack_trit_rows(codes))
+                t.alpha.copy_(torch.rand(t.alpha.shape, generator=gen, device=dev) * 0.05 + 0.02)
+                t.mu.copy_(torch.randn(t.mu.shape, generator=gen, device=dev) * 0.005)
+                t.perm.copy_(torch.randperm(lin.in_features, generator=gen, device=dev).to(t.perm.dtype))
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, t)
+    return model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
-def test_cuda_graph_tokens_match_eager():
-    model = _model().half().cuda()
+@pytest.mark.parametrize("ternary", [False, True])
+def test_cuda_graph_tokens_match_eager(ternary):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).half().cuda().eval()
+    if ternary:  # the CUDA mma kernel (M = 1) launched by cuda_ternary._launch, replayed in the graph
+        _ternarize(model, torch.Generator(device="cuda").manual_seed(0))
     prompt = torch.randint(0, 100, (1, 6), device="cuda")
     g = speed.generate(model, prompt, 24, check_every=5)
     e = speed.generate(model, prompt, 24, graphs=False)

@@ -54,6 +54,7 @@ import ctypes
 import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ typedef unsigned char u8;
 #endif
 #ifndef CL
 #define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster
-#endif                       // (sm_90; launched with cluster dims (1, CL, 1): _launch_cluster)
+#endif                       // (sm_90; launched with cluster dims (1, CL, 1): _launch)
 #define RS 84                // words a block's row of staged activations takes (4 chunks of 16, padded)
 #define ROWS (WARPS * 80)    // weight rows a CTA
 
@@ -593,26 +594,65 @@ def _cluster_launch() -> bool:
         return False
 
 
-def _launch_cluster(kern, grid, block, shared_mem: int, args, cluster: int) -> None:
-    """Launch `kern` (from torch.cuda._compile_kernel) with cluster dims (1, cluster, 1) on the
-    current stream, its arguments passed as torch's launcher passes them (tensors as device
-    pointers, Python ints as C ints). Sizes above 8 are allowed on the function first."""
+@functools.cache
+def _driver():
+    """The CUDA driver library (ctypes), loaded once."""
     from torch.cuda._utils import _get_gpu_runtime_library
-    lib = _get_gpu_runtime_library()
+    return _get_gpu_runtime_library()
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _stream(device_index: int) -> int:
+    """The handle of the device's current stream."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device_index) if raw is not None else torch.cuda.current_stream(device_index).cuda_stream
+
+
+_ARGS = threading.local()
+
+
+def _arg_slots(n: int):
+    """(values, pointers): n 8-byte argument slots and the array of their addresses that a
+    launch passes, made once per thread and n and refilled at every launch (the driver copies
+    the values when the launch is made)."""
+    slots = _ARGS.__dict__.setdefault("slots", {})
+    if n not in slots:
+        values = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(values)
+        slots[n] = values, (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+    return slots[n]
+
+
+def _launch(kern, grid, block, shared_mem: int, args, stream: int, cluster: int = 1) -> None:
+    """Launch `kern` (from torch.cuda._compile_kernel) on `stream`, with cluster dims (1,
+    cluster, 1) when cluster > 1 (sizes above 8 are allowed on the function first). Arguments as
+    torch's launcher passes them (tensors as device pointers, Python ints as C ints: the low 4
+    bytes of a little-endian slot), at a fraction of its host time: eager decoding launches one
+    kernel a layer and token."""
+    lib = _driver()
     if cluster > 8 and not getattr(kern, "_pt2llm_large_clusters", False):
         rc = lib.cuFuncSetAttribute(kern.func, _NON_PORTABLE_CLUSTERS, 1)
         if rc != 0:
             raise RuntimeError(f"cuFuncSetAttribute(non-portable cluster size) failed with CUDA error {rc}")
         kern._pt2llm_large_clusters = True
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-    attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
-    attr.value[0], attr.value[1], attr.value[2] = 1, cluster, 1
-    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
-    rc = lib.cuLaunchKernelEx(ctypes.byref(config), kern.func, pointers, None)
-    if rc != 0:
-        raise RuntimeError(f"cuLaunchKernelEx (a cluster of {cluster}) failed with CUDA error {rc}")
+    values, pointers = _arg_slots(len(args))
+    values[:] = [a.data_ptr() if isinstance(a, torch.Tensor) else a & 0xFFFFFFFF for a in args]
+    if cluster > 1:
+        attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
+        attr.value[0], attr.value[1], attr.value[2] = 1, cluster, 1
+        config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                               ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
+        rc = lib.cuLaunchKernelEx(ctypes.byref(config), kern.func, pointers, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernelEx (a cluster of {cluster}) failed with CUDA error {rc}")
+    else:
+        rc = lib.cuLaunchKernel(kern.func, *grid, *block, shared_mem, ctypes.c_void_p(stream), pointers, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {rc}")
 
 
 @functools.cache
@@ -645,7 +685,7 @@ def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_outs: list[int], de
     """(settings, tiles per layer, split count, cluster size or 0, dynamic shared memory) of a
     launch for M rows of layers with these packed row counts and output sizes (see
     matmul_group)."""
-    cap = torch.cuda.get_device_capability(dev)
+    cap = _capability(dev)
     settings = _settings(n_outs, K, M, _device_name(dev), over or {})
     per_tile = 16 * settings["warps"]
     tiles = [-(-g // per_tile) for g in packed_rows]
@@ -704,7 +744,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
         if packed.shape[1] != K or alpha.shape[1] != NB or (perm.dtype == torch.int32) != perm32:
             raise ValueError("a group's layers must share K, the block count and the column order's dtype")
     dev = _device(x2)
-    cap = torch.cuda.get_device_capability(dev)
+    cap = _capability(dev)
     n_all = sum(layer[5] for layer in layers)
     settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers],
                                               [layer[5] for layer in layers], dev, splits, cluster, over)
@@ -712,7 +752,8 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"])
     outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
     part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 and not cl else outs[0]
-    counters = _counters(dev, torch.cuda.current_stream(dev).cuda_stream)
+    stream = _stream(dev)
+    counters = _counters(dev, stream)
     # the kernel's MAX_GROUP slots: unused ones repeat the last layer (never read: no tiles)
     spare = MAX_GROUP - len(layers)
     slots, out_slots = layers + layers[-1:] * spare, outs + outs[-1:] * spare
@@ -723,10 +764,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     ends = [sum(tiles[:1]), sum(tiles[:2])]
     grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
     args = [x2, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
-    if cl:
-        _launch_cluster(kern, grid, block, smem, args, cl)
-    else:
-        kern(grid=grid, block=block, shared_mem=smem, args=args)
+    _launch(kern, grid, block, smem, args, stream, cl or 1)
     return outs
 
 
@@ -758,7 +796,7 @@ def dequantize_original(packed, alpha, mu, inv_perm, n_out: int) -> torch.Tensor
     while R < 8 and 2 * R * (K + 20 * NB) <= SMEM and 2 * R <= G:
         R *= 2
     w = torch.empty(n_out, K, device=packed.device, dtype=torch.float16)
-    _dequant_kernel(torch.cuda.get_device_capability(_device(packed)))(
-        grid=(-(-G // R), 1, 1), block=(256, 1, 1), shared_mem=R * (K + 20 * NB),
-        args=[packed, alpha, mu, inv_perm, int(inv_perm.dtype == torch.int32), w, n_out, K, G, NB, R])
+    dev = _device(packed)
+    _launch(_dequant_kernel(_capability(dev)), (-(-G // R), 1, 1), (256, 1, 1), R * (K + 20 * NB),
+            [packed, alpha, mu, inv_perm, int(inv_perm.dtype == torch.int32), w, n_out, K, G, NB, R], _stream(dev))
     return w
