@@ -1,4 +1,5 @@
-"""Prefill and decode speed of a causal LM on one CUDA GPU (what `pt2llm bench` reports).
+"""Greedy decoding on a static KV cache (`pt2llm generate`), and the prefill and decode speed
+of a causal LM on one CUDA GPU (what `pt2llm bench` reports).
 
 Prefill: one forward pass over `batch` prompts of `prompt_len` random tokens (logits of the
 last position only), timed with CUDA events, median of a few. Decode: greedy, one token
