@@ -178,7 +178,8 @@ def rotate(args) -> int:
 
 
 def generate(args) -> int:
-    """Greedy decoding on a static cache (speed.generate: a CUDA graph of the step on a GPU)."""
+    """Greedy decoding on a static cache (speed.generate: a CUDA graph of the step on a GPU),
+    the text streamed to stdout as it comes."""
     from . import speed
 
     device = _device(args.device)
@@ -191,9 +192,10 @@ def generate(args) -> int:
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = tok.eos_token_id if eos is None else eos
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-    r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile)
+    from transformers import TextStreamer
+    streamer = TextStreamer(tok, skip_special_tokens=True)  # prints the prompt, then each chunk of tokens
+    r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile, streamer=streamer)
     new = [t for t in r["tokens"][0].tolist() if t >= 0]
-    print(tok.decode(ids[0].tolist() + new, skip_special_tokens=True))
     steps = r["steps"]
     rate = f", {steps / r['decode_s']:.1f} tokens/s" if steps and r["decode_s"] > 0 else ""
     print(f"prefill {ids.shape[1]} tokens in {r['prefill_s'] * 1e3:.1f} ms; {len(new)} new tokens "

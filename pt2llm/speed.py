@@ -128,12 +128,16 @@ class Decoder:
 
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | frozenset = frozenset(), *,
-             graphs: bool = True, compile: bool = False, attention: str = "pt2llm", check_every: int = 16) -> dict:
+             graphs: bool = True, compile: bool = False, attention: str = "pt2llm",
+             check_every: int | None = None, streamer=None) -> dict:
     """Greedy continuation of `prompt` [batch, n] through the decode step above (what `pt2llm
     generate` runs): at most `max_new_tokens` tokens a sequence, stopping once every sequence
     has produced one of `eos` (a sequence's tokens after its first eos are cut off, to -1).
     On CUDA the step is a CUDA graph unless graphs=False (eager if capture fails); the tokens
-    are checked for eos every `check_every` steps, so the GPU is not synchronised each step.
+    are checked for eos every `check_every` steps (by default 16 on CUDA, so the GPU is not
+    synchronised each step, and 1 on the CPU). streamer: as transformers' generate takes one (e.g. TextStreamer),
+    for one sequence: put() gets the prompt, then the new tokens at each check (up to the
+    eos), and end() at the end.
     Returns {"tokens": [batch, k] (k <= max_new_tokens, -1 after a sequence's eos),
     "prefill_s", "decode_s", "steps", "decode_mode"}; the times include the first step's
     compilation when compile=True."""
@@ -141,8 +145,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if streamer is not None and prompt.shape[0] != 1:
+        raise ValueError(f"a streamer takes one sequence, not a batch of {prompt.shape[0]}")
     dev = prompt.device
     cuda = dev.type == "cuda"
+    check_every = check_every or (16 if cuda else 1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dec = Decoder(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, compile=compile, attention=attention)
     try:
@@ -164,13 +171,29 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
         out[:, 0] = dec.ids[:, 0]
         sync()
         t1 = time.perf_counter()
-        n = 1
+        n, sent = 1, 0
         eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
-        while n < max_new_tokens and not (eos and torch.isin(out[:, :n], eos_t).any(1).all()):
+
+        def finished() -> bool:
+            """Whether every sequence has an eos; hands the streamer its new tokens (a sync point)."""
+            nonlocal sent
+            if streamer is not None and sent < n:
+                new = out[0, sent:n].tolist()
+                cut = next((i for i, t in enumerate(new) if t in eos), None)
+                streamer.put(torch.tensor(new if cut is None else new[:cut + 1]))
+                sent = n
+            return bool(eos) and bool(torch.isin(out[:, :n], eos_t).any(1).all())
+
+        if streamer is not None:
+            streamer.put(prompt[0].cpu())
+        while n < max_new_tokens and not finished():
             for _ in range(min(check_every, max_new_tokens - n)):
                 dec.step()
                 out[:, n] = dec.ids[:, 0]
                 n += 1
+        if streamer is not None:
+            finished()
+            streamer.end()
         sync()
         t2 = time.perf_counter()
     finally:

@@ -57,6 +57,36 @@ def test_batch_pads_each_sequence_after_its_own_eos():
     assert r[1, :j + 1].tolist() == free[1, :j + 1].tolist()[:r.shape[1]]
 
 
+class _Collect:
+    """A streamer that records what it is given."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        assert not self.ended
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_streamer_gets_the_prompt_then_every_new_token_once(stop):
+    model = _model(seed=3)
+    prompt = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(6))
+    free = speed.generate(model, prompt, 14)["tokens"][0].tolist()
+    eos = {free[8]} if stop else set()
+    s = _Collect()
+    r = speed.generate(model, prompt, 14, eos, check_every=4, streamer=s)
+    assert s.ended and s.puts[0] == prompt[0].tolist()
+    streamed = [t for chunk in s.puts[1:] for t in chunk]
+    assert streamed == r["tokens"][0].tolist()  # up to and including the eos, nothing after it
+    assert len(s.puts) > 2  # in chunks, not all at the end
+    with pytest.raises(ValueError, match="one sequence"):
+        speed.generate(model, prompt.repeat(2, 1), 3, streamer=_Collect())
+
+
 def test_one_token_and_bad_counts():
     model = _model()
     prompt = torch.randint(0, 100, (1, 4))
