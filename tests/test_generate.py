@@ -3,8 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from pt2llm import cli, pack, speed
-from pt2llm.nn import TernaryLinear
+from pt2llm import cli, speed
+
+from tinymodels import quantize, random_ternary
 
 
 def _model(kind="llama", seed=0):
@@ -105,17 +106,12 @@ def test_the_model_keeps_its_attention():
 
 
 def _ternarize(model, gen):
-    """Every decoder linear -> TernaryLinear with random codes, alpha, mu and column order."""
-    dev = next(model.parameters()).device
+    """Every decoder linear -> a TernaryLinear with random codes, alpha, mu and column order."""
     for layer in model.model.layers:
         for name, lin in list(layer.named_modules()):
             if isinstance(lin, torch.nn.Linear):
-                t = TernaryLinear(lin.in_features, lin.out_features, lin.bias is not None, device=dev)
-                codes = torch.randint(-1, 2, (lin.out_features, lin.in_features), generator=gen, device=dev)
-                t.packed.copy_(pack.pack_trit_rows(codes))
-                t.alpha.copy_(torch.rand(t.alpha.shape, generator=gen, device=dev) * 0.05 + 0.02)
-                t.mu.copy_(torch.randn(t.mu.shape, generator=gen, device=dev) * 0.005)
-                t.perm.copy_(torch.randperm(lin.in_features, generator=gen, device=dev).to(t.perm.dtype))
+                t = random_ternary(lin.out_features, lin.in_features, gen, bias=lin.bias is not None,
+                                   alpha=(0.05, 0.02), mu_std=0.005)
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, child, t)
     return model
@@ -127,9 +123,10 @@ def test_cuda_graph_tokens_match_eager(ternary):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(cfg).half().cuda().eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     if ternary:  # the CUDA mma kernel (M = 1) launched by cuda_ternary._launch, replayed in the graph
-        _ternarize(model, torch.Generator(device="cuda").manual_seed(0))
+        _ternarize(model, torch.Generator().manual_seed(0))
+    model = model.half().cuda()
     prompt = torch.randint(0, 100, (1, 6), device="cuda")
     g = speed.generate(model, prompt, 24, check_every=5)
     e = speed.generate(model, prompt, 24, graphs=False)
@@ -141,12 +138,19 @@ def test_cuda_graph_tokens_match_eager(ternary):
     assert stop["tokens"][0].tolist() == g["tokens"][0, :first + 1].tolist()
 
 
-def test_command_prints_text_and_speed(tiny, capsys):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_command_prints_text_and_speed(tiny, capsys, device):
     _, d = tiny
-    assert cli.main(["generate", str(d / "float"), "the quick", "--max-new-tokens", "6", "--device", "cpu"]) == 0
-    out, err = capsys.readouterr()
-    assert out.strip().startswith("the quick")
-    assert "prefill" in err and "new tokens" in err and "cpu" in err
+    out_dir = d / "gen-q"
+    if not out_dir.exists():
+        quantize(d, out_dir)
+    for model in (d / "float", out_dir):
+        assert cli.main(["generate", str(model), "the quick", "--max-new-tokens", "6", "--device", device]) == 0
+        out, err = capsys.readouterr()
+        assert out.strip().startswith("the quick")
+        assert "prefill" in err and "new tokens" in err and device in err
+        assert ("cuda-graph" in err) == (device == "cuda")
 
 
 def test_command_refuses_more_than_the_context(tiny, capsys):
