@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (faster tokens after a compilation of about a minute)")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user's message in the model's chat template and print only the reply")
 
     i = sub.add_parser("inspect", help="bits per weight, size and a per-layer table of a quantized folder")
     i.add_argument("dir", metavar="DIR", help="a folder written by pt2llm quantize")

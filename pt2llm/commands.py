@@ -184,7 +184,14 @@ def generate(args) -> int:
 
     device = _device(args.device)
     model, tok, _ = sources.load_any(args.model, device=device)
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    if args.chat:  # the prompt as a user's message, in the tokenizer's chat template
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"--chat: {args.model}'s tokenizer has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty after tokenization")
     _check_context(model, ids.shape[1] + args.max_new_tokens,
@@ -193,7 +200,8 @@ def generate(args) -> int:
     eos = tok.eos_token_id if eos is None else eos
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     from transformers import TextStreamer
-    streamer = TextStreamer(tok, skip_special_tokens=True)  # prints the prompt, then each chunk of tokens
+    # prints the prompt (not with --chat: only the reply), then each chunk of new tokens
+    streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True)
     r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile, streamer=streamer)
     new = [t for t in r["tokens"][0].tolist() if t >= 0]
     steps = r["steps"]

@@ -157,3 +157,23 @@ def test_command_refuses_more_than_the_context(tiny, capsys):
     _, d = tiny
     assert cli.main(["generate", str(d / "float"), "the quick", "--max-new-tokens", "100000", "--device", "cpu"]) != 0
     assert "context" in capsys.readouterr().err
+
+
+def test_chat_uses_the_template_and_prints_only_the_reply(tiny, capsys, tmp_path):
+    from transformers import AutoTokenizer
+    _, d = tiny
+    assert cli.main(["generate", str(d / "float"), "hello", "--chat", "--device", "cpu"]) != 0
+    assert "no chat template" in capsys.readouterr().err
+    import shutil
+    chat = tmp_path / "chat"
+    shutil.copytree(d / "float", chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    tok.save_pretrained(chat)
+    assert cli.main(["generate", str(chat), "the quick", "--chat", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "<<user>>" not in out and "<<assistant>>" not in out  # the reply only
+    assert "new tokens" in err
+    n = len(tok("<<user>> the quick\n<<assistant>>", add_special_tokens=False).input_ids)
+    assert f"prefill {n} tokens" in err  # the templated prompt, without a second BOS
