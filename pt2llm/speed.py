@@ -135,9 +135,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
     has produced one of `eos` (a sequence's tokens after its first eos are cut off, to -1).
     On CUDA the step is a CUDA graph unless graphs=False (eager if capture fails); the tokens
     are checked for eos every `check_every` steps (by default 16 on CUDA, so the GPU is not
-    synchronised each step, and 1 on the CPU). streamer: as transformers' generate takes one (e.g. TextStreamer),
-    for one sequence: put() gets the prompt, then the new tokens at each check (up to the
-    eos), and end() at the end.
+    synchronised each step, and 1 on the CPU). streamer: one sequence's streamer, as
+    transformers' generate takes (e.g. TextStreamer): put() gets the prompt, then the new
+    tokens at each check (up to the eos), and end() at the end.
     Returns {"tokens": [batch, k] (k <= max_new_tokens, -1 after a sequence's eos),
     "prefill_s", "decode_s", "steps", "decode_mode"}; the times include the first step's
     compilation when compile=True."""
