@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the decode step (faster tokens after a compilation of about a minute)")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as a user's message in the model's chat template and print only the reply")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="bits per weight, size and a per-layer table of a quantized folder")
     i.add_argument("dir", metavar="DIR", help="a folder written by pt2llm quantize")

@@ -183,7 +183,7 @@ def generate(args) -> int:
     from . import speed
 
     device = _device(args.device)
-    model, tok, _ = sources.load_any(args.model, device=device)
+    model, tok, _ = sources.load_any(args.model, progress=not args.no_progress, device=device)
     if args.chat:  # the prompt as a user's message, in the tokenizer's chat template
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"--chat: {args.model}'s tokenizer has no chat template")

@@ -146,7 +146,8 @@ def test_command_prints_text_and_speed(tiny, capsys, device):
     if not out_dir.exists():
         quantize(d, out_dir)
     for model in (d / "float", out_dir):
-        assert cli.main(["generate", str(model), "the quick", "--max-new-tokens", "6", "--device", device]) == 0
+        assert cli.main(["generate", str(model), "the quick", "--max-new-tokens", "6", "--device", device,
+                         "--no-progress"]) == 0
         out, err = capsys.readouterr()
         assert out.strip().startswith("the quick")
         assert "prefill" in err and "new tokens" in err and device in err
