@@ -74,7 +74,7 @@ def main():
             runs["pt2llm generate --compile"] = ours(model, prompt, args.new_tokens, compile=True)
         ref = runs["transformers generate (eager, dynamic cache)"]["tokens"]
         for how, r in runs.items():
-            same = int((r.pop("tokens") == ref).all(1).sum()) == ref.shape[0]
+            same = torch.equal(r.pop("tokens"), ref)
             rows.append({"model": name, "how": how, **r, "same_tokens_as_transformers": same,
                          "device": torch.cuda.get_device_name(), "date": date})
             print(rows[-1], flush=True)

@@ -17,6 +17,7 @@ online Hadamard reach it as opaque custom ops, and the ternary linears that read
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -141,8 +142,6 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
     Returns {"tokens": [batch, k] (k <= max_new_tokens, -1 after a sequence's eos),
     "prefill_s", "decode_s", "steps", "decode_mode"}; the times include the first step's
     compilation when compile=True."""
-    import time
-
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if streamer is not None and prompt.shape[0] != 1:
