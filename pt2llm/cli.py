@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of the random signs (default 0)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    g = sub.add_parser("generate", help="generate text from a model (greedy)")
+    g = sub.add_parser("generate", help="generate text from a model (greedy, or sampled with --temperature)")
     g.add_argument("model", metavar="DIR_OR_MODEL", help="a quantized folder, or any MODEL that quantize accepts")
     g.add_argument("prompt", help="text to continue")
     g.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the decode step (faster tokens after a compilation of about a minute)")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as a user's message in the model's chat template and print only the reply")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (default 0: greedy, the most likely token each step)")
+    g.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (default 0: off)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only from the most likely tokens that together hold this probability "
+                        "(nucleus sampling; default 1: off)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0); the same seed, the same text")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = sub.add_parser("inspect", help="bits per weight, size and a per-layer table of a quantized folder")

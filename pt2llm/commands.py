@@ -178,10 +178,14 @@ def rotate(args) -> int:
 
 
 def generate(args) -> int:
-    """Greedy decoding on a static cache (speed.generate: a CUDA graph of the step on a GPU),
-    the text streamed to stdout as it comes."""
+    """Decoding on a static cache (speed.generate: a CUDA graph of the step on a GPU), greedy
+    or sampled, the text streamed to stdout as it comes."""
     from . import speed
+    from .sampling import Sampling
 
+    how = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # checked before the model loads
+    if how.greedy and (args.top_k or args.top_p < 1):
+        raise ValueError("--top-k and --top-p choose among tokens to sample: give a --temperature above 0 as well")
     device = _device(args.device)
     model, tok, _ = sources.load_any(args.model, progress=not args.no_progress, device=device)
     if args.chat:  # the prompt as a user's message, in the tokenizer's chat template
@@ -202,12 +206,14 @@ def generate(args) -> int:
     from transformers import TextStreamer
     # prints the prompt (not with --chat: only the reply), then each chunk of new tokens
     streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True)
-    r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile, streamer=streamer)
+    r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile, streamer=streamer,
+                       sampling=how)
     new = [t for t in r["tokens"][0].tolist() if t >= 0]
     steps = r["steps"]
     rate = f", {steps / r['decode_s']:.1f} tokens/s" if steps and r["decode_s"] > 0 else ""
     print(f"prefill {ids.shape[1]} tokens in {r['prefill_s'] * 1e3:.1f} ms; {len(new)} new tokens "
-          f"({steps} decode steps in {r['decode_s'] * 1e3:.1f} ms{rate}; {device}, {r['decode_mode']})",
+          f"({steps} decode steps in {r['decode_s'] * 1e3:.1f} ms{rate}; {device}, {r['decode_mode']}, "
+          f"{how.describe()})",
           file=sys.stderr)
     return 0
 

@@ -1,5 +1,5 @@
-"""Greedy decoding on a static KV cache (`pt2llm generate`), and the prefill and decode speed
-of a causal LM on one CUDA GPU (what `pt2llm bench` reports).
+"""Decoding on a static KV cache (`pt2llm generate`: greedy, or sampled by pt2llm.sampling),
+and the prefill and decode speed of a causal LM on one CUDA GPU (what `pt2llm bench` reports).
 
 Prefill: one forward pass over `batch` prompts of `prompt_len` random tokens (logits of the
 last position only), timed with CUDA events, median of a few. Decode: greedy, one token
@@ -20,6 +20,9 @@ import statistics
 import time
 
 import torch
+
+from . import sampling as sampling_
+from .sampling import GREEDY, Sampling
 
 
 def model_bytes(model) -> int:
@@ -46,9 +49,12 @@ def _events_ms(fn, reps: int) -> list[float]:
 
 
 class Decoder:
-    """A one-token greedy decode step on a static cache, as a CUDA graph (or eager)."""
+    """A one-token decode step on a static cache, as a CUDA graph (or eager). The next token
+    is the argmax, or drawn as `sampling` says (its noise from self.generator, which the
+    graph replays advance)."""
 
-    def __init__(self, model, batch: int, max_len: int, compile: bool = False, attention: str = "pt2llm"):
+    def __init__(self, model, batch: int, max_len: int, compile: bool = False, attention: str = "pt2llm",
+                 sampling: Sampling = GREEDY):
         from transformers import StaticCache
 
         if attention not in ("pt2llm", "model"):
@@ -69,7 +75,17 @@ class Decoder:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=dev)  # True: attend
+        self.sampling = sampling
+        self.generator = None if sampling.greedy else torch.Generator(device=dev).manual_seed(sampling.seed)
         self.graph = None
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        self.ids.copy_(sampling_.next_tokens(logits[:, -1], self.sampling, self.generator))
+
+    def reseed(self) -> None:
+        """Start the sampling noise again from the seed (the next prefill draws the first)."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.sampling.seed)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:
@@ -79,7 +95,7 @@ class Decoder:
         pos = torch.arange(n, device=prompt.device)
         out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
                          position_ids=pos[None].expand(prompt.shape[0], -1), use_cache=True, logits_to_keep=1)
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self._choose(out.logits)
         self.pos.fill_(n)
         self.mask.zero_()
         self.mask[..., :n] = True
@@ -90,23 +106,30 @@ class Decoder:
         out = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
                            position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
                            use_cache=True)
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self._choose(out.logits)
         self.pos.add_(1)
 
     def capture(self) -> None:
-        """Record one step as a CUDA graph (after warm-up steps on a side stream)."""
+        """Record one step as a CUDA graph (after warm-up steps on a side stream). Sampling
+        needs the generator registered with the graph, so that each replay draws new noise
+        (RuntimeError where this torch cannot)."""
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            if not hasattr(graph, "register_generator_state"):
+                raise RuntimeError("this torch cannot replay a sampling generator in a CUDA graph")
+            graph.register_generator_state(self.generator)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(graph):
             self._step()
+        self.graph = graph
 
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy continuation [batch, new_tokens] (the tokens the timed loop produces)."""
+        """The continuation [batch, new_tokens] (the tokens the timed loop produces)."""
         self.prefill(prompt)
         out = [self.ids.clone()]
         for _ in range(new_tokens - 1):
@@ -130,9 +153,10 @@ class Decoder:
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | frozenset = frozenset(), *,
              graphs: bool = True, compile: bool = False, attention: str = "pt2llm",
-             check_every: int | None = None, streamer=None) -> dict:
-    """Greedy continuation of `prompt` [batch, n] through the decode step above (what `pt2llm
-    generate` runs): at most `max_new_tokens` tokens a sequence, stopping once every sequence
+             check_every: int | None = None, streamer=None, sampling: Sampling = GREEDY) -> dict:
+    """Continuation of `prompt` [batch, n] through the decode step above (what `pt2llm
+    generate` runs), greedy or as `sampling` says (the same seed gives the same tokens on the
+    same device, graph or not): at most `max_new_tokens` tokens a sequence, stopping once every sequence
     has produced one of `eos` (a sequence's tokens after its first eos are cut off, to -1).
     On CUDA the step is a CUDA graph unless graphs=False (eager if capture fails); the tokens
     are checked for eos every `check_every` steps (by default 16 on CUDA, so the GPU is not
@@ -150,7 +174,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
     cuda = dev.type == "cuda"
     check_every = check_every or (16 if cuda else 1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    dec = Decoder(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, compile=compile, attention=attention)
+    dec = Decoder(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, compile=compile, attention=attention,
+                  sampling=sampling)
     try:
         how = "eager"
         if graphs and cuda and max_new_tokens > 1:
@@ -163,6 +188,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
                 dec.graph = None
         if compile:
             how += " + torch.compile"
+        dec.reseed()  # capture's warm-up steps drew noise too
         sync()
         t0 = time.perf_counter()
         dec.prefill(prompt)

@@ -1,9 +1,10 @@
-"""`pt2llm generate`: greedy decoding on a static cache (speed.generate), stopping at eos."""
+"""`pt2llm generate`: decoding on a static cache (speed.generate), greedy or sampled, stopping at eos."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from pt2llm import cli, speed
+from pt2llm.sampling import Sampling
 
 from tinymodels import quantize, random_ternary
 
@@ -43,6 +44,34 @@ def test_stops_at_eos_like_transformers():
     assert torch.equal(r["tokens"], _hf(model, prompt, 20, eos)[:, :first + 1])
     # checked every 3 steps: at most 2 steps past the eos were run, and none after the limit
     assert first <= r["steps"] <= first + 2
+
+
+def test_sampling_repeats_with_its_seed_and_greedy_is_the_default():
+    model = _model()
+    prompt = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(6))
+    greedy = speed.generate(model, prompt, 12)["tokens"]
+    assert torch.equal(speed.generate(model, prompt, 12, sampling=Sampling(0.0, seed=9))["tokens"], greedy)
+    # top-k 1 draws the argmax at any temperature
+    assert torch.equal(speed.generate(model, prompt, 12, sampling=Sampling(3.0, top_k=1))["tokens"], greedy)
+    hot = Sampling(2.0, seed=1)
+    a = speed.generate(model, prompt, 12, sampling=hot)["tokens"]
+    assert torch.equal(a, speed.generate(model, prompt, 12, sampling=hot)["tokens"])
+    assert not torch.equal(a, greedy)
+    assert not torch.equal(a, speed.generate(model, prompt, 12, sampling=Sampling(2.0, seed=2))["tokens"])
+    assert not torch.equal(a[0], a[1])  # each sequence draws its own tokens
+    assert ((a >= 0) & (a < 100)).all()
+
+
+def test_sampled_tokens_come_from_the_filtered_distribution():
+    """Every sampled token is inside the model's top-k at its step: the filters apply in the loop."""
+    model = _model(seed=1)
+    prompt = torch.randint(0, 100, (1, 4), generator=torch.Generator().manual_seed(7))
+    toks = speed.generate(model, prompt, 10, sampling=Sampling(5.0, top_k=3, seed=4))["tokens"][0]
+    ids = prompt[0].tolist()
+    for t in toks.tolist():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        assert t in logits.topk(3).indices.tolist()
+        ids.append(t)
 
 
 def test_batch_pads_each_sequence_after_its_own_eos():
@@ -138,6 +167,23 @@ def test_cuda_graph_tokens_match_eager(ternary):
     assert stop["tokens"][0].tolist() == g["tokens"][0, :first + 1].tolist()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
+def test_cuda_graph_samples_like_eager():
+    """The graph replays draw the eager step's noise: the same seed, the same tokens."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval().half().cuda()
+    prompt = torch.randint(0, 100, (2, 6), device="cuda")
+    how = Sampling(1.5, top_k=50, top_p=0.9, seed=3)
+    g = speed.generate(model, prompt, 24, check_every=5, sampling=how)
+    assert g["decode_mode"] == "cuda-graph"
+    assert torch.equal(g["tokens"], speed.generate(model, prompt, 24, check_every=5, sampling=how)["tokens"])
+    e = speed.generate(model, prompt, 24, graphs=False, sampling=how)
+    assert torch.equal(g["tokens"], e["tokens"])
+    assert not torch.equal(g["tokens"], speed.generate(model, prompt, 24)["tokens"])
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_command_prints_text_and_speed(tiny, capsys, device):
@@ -178,3 +224,26 @@ def test_chat_uses_the_template_and_prints_only_the_reply(tiny, capsys, tmp_path
     assert "new tokens" in err
     n = len(tok("<<user>> the quick\n<<assistant>>", add_special_tokens=False).input_ids)
     assert f"prefill {n} tokens" in err  # the templated prompt, without a second BOS
+
+
+def test_command_samples_with_a_seed(tiny, capsys):
+    _, d = tiny
+    run = ["generate", str(d / "float"), "the quick", "--max-new-tokens", "8", "--device", "cpu", "--no-progress"]
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert cli.main(run + ["--temperature", "1.5", "--top-p", "0.95", "--seed", seed]) == 0
+        out, err = capsys.readouterr()
+        assert f"sampled (temperature 1.5, top-p 0.95, seed {seed})" in err
+        outs.append(out)
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    assert cli.main(run) == 0
+    assert "greedy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, says", [(["--top-k", "5"], "--temperature"), (["--temperature", "-1"], "temperature"),
+                                       (["--temperature", "1", "--top-p", "0"], "top_p")])
+def test_command_refuses_bad_sampling(tiny, capsys, bad, says):
+    _, d = tiny
+    assert cli.main(["generate", str(d / "float"), "the quick", "--device", "cpu"] + bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pt2llm: error:") and says in err

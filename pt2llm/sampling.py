@@ -1,0 +1,89 @@
+"""Choosing the next token from logits: greedy, or sampled with temperature, top-k and top-p.
+
+The filters are transformers' (TemperatureLogitsWarper, then TopKLogitsWarper, then
+TopPLogitsWarper, in that order): the logits are divided by the temperature, only the k
+largest are kept, and of those only the fewest largest whose probabilities sum to at least
+top_p (always the largest one). A token is then drawn from the softmax of what is left by the
+Gumbel-max rule, argmax(z - log E) with E = -log U ~ Exp(1), which draws exactly from
+softmax(z) and needs no data-dependent shapes, so it runs inside a CUDA graph (speed.Decoder).
+U is drawn in float64 (53 random bits): 0 < E < inf but for a chance of 2^-53 a token, where
+float32's 24 bits would put E = 0, and with it a forced pick, on one token in 2^24. The noise
+comes from a torch.Generator, so a seed gives the same tokens again on the same device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy (argmax; top_k and top_p then play no part); top_k 0 keeps
+    every token; top_p 1 keeps every token that top_k kept."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def describe(self) -> str:
+        if self.greedy:
+            return "greedy"
+        parts = [f"temperature {self.temperature:g}"]
+        if self.top_k:
+            parts.append(f"top-k {self.top_k}")
+        if self.top_p < 1:
+            parts.append(f"top-p {self.top_p:g}")
+        return "sampled (" + ", ".join(parts) + f", seed {self.seed})"
+
+
+GREEDY = Sampling()
+
+
+def candidates(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z, ids) for logits [..., V]: z the tempered logits of the tokens still in the draw
+    (-inf for those top_p removed), ids their token ids ([..., k]; None when z covers the
+    whole vocabulary in order). Not for greedy."""
+    z = logits.float() / s.temperature
+    ids = None
+    if s.top_k and s.top_k < z.shape[-1]:
+        z, ids = z.topk(s.top_k, dim=-1)  # sorted, largest first
+    if s.top_p < 1:
+        if ids is None:
+            z, ids = z.sort(dim=-1, descending=True)
+        p = z.softmax(-1)
+        before = p.cumsum(-1) - p  # the mass of the larger tokens: drop once it reaches top_p
+        z = z.masked_fill(before >= s.top_p, float("-inf"))
+    return z, ids
+
+
+def probabilities(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The distribution next_tokens draws from, over the whole vocabulary [..., V] (float32)."""
+    if s.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    z, ids = candidates(logits, s)
+    p = z.softmax(-1)
+    return p if ids is None else torch.zeros(logits.shape, device=p.device).scatter(-1, ids, p)
+
+
+def next_tokens(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of logits [B, V], as [B, 1] (long)."""
+    if s.greedy:
+        return logits.argmax(-1, keepdim=True)
+    z, ids = candidates(logits, s)
+    u = torch.rand(z.shape, dtype=torch.float64, device=z.device, generator=generator)
+    pick = (z.double() - (-u.log()).log()).argmax(-1, keepdim=True)
+    return pick if ids is None else ids.gather(-1, pick)
