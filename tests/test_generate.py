@@ -184,6 +184,27 @@ def test_cuda_graph_samples_like_eager():
     assert not torch.equal(g["tokens"], speed.generate(model, prompt, 24)["tokens"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile's CUDA graphs need CUDA")
+def test_transformers_static_cache_generate_runs_a_ternary_model():
+    """transformers' generate(cache_implementation="static") compiles the decode step with CUDA
+    graphs (mode="reduce-overhead"); a ternary model must run there as the fp16 one does."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    _ternarize(model, torch.Generator().manual_seed(0))
+    model = model.half().cuda()
+    prompt = torch.randint(0, 100, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    torch._dynamo.reset()
+    try:
+        kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        static = [model.generate(prompt, cache_implementation="static", **kw) for _ in range(2)]
+    finally:
+        torch._dynamo.reset()
+    assert static[0].shape == (1, 22) and torch.equal(static[0], static[1])
+    assert torch.equal(static[0][:, 6:10], _hf(model, prompt, 4))  # the first tokens as the eager loop's
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_command_prints_text_and_speed(tiny, capsys, device):

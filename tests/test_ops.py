@@ -78,6 +78,47 @@ def test_compiled_ternary_linear_goes_through_the_op_and_matches_eager(rotated):
     assert ("pt2llm.hadamard_input" in graph) == rotated
 
 
+@pytest.mark.parametrize("n", [1400, 200])
+def test_compiled_online_transform_of_any_width(n):
+    """Widths the Triton transform does not take: 1400 = 175 x 8 has a random small factor, made
+    by a seeded generator that dynamo cannot trace (so the op runs it), 200 a Paley one (traced)."""
+    gen = torch.Generator().manual_seed(6)
+    mod = OnlineHadamard(n, hadamard.random_signs(n, gen), device=DEV)
+    hadamard._factor_on.cache_clear()
+    torch._dynamo.reset()
+    f = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(3, n, generator=gen).to(DEV, dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3  # a traced path may round apart from eager (GPU)
+        torch.testing.assert_close(f(x), mod(x), rtol=tol, atol=tol)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile's CUDA graphs need CUDA")
+@pytest.mark.parametrize("rotated", [False, True])
+def test_reduce_overhead_compile_with_the_caches_empty(rotated):
+    """mode="reduce-overhead" (CUDA graph trees, what transformers' static-cache generate
+    compiles with) runs its first call with the stream's allocations routed to the tree's pool;
+    the kernels' lasting tensors (split-K counters for a new stream, the online transform's
+    factors) made then must stay out of that pool, or the tree refuses to record."""
+    from pt2llm.kernels import cuda_ternary
+    gen = torch.Generator().manual_seed(5)
+    mod = _layer(1000, 1400, gen)  # 1400 = 175 x 8: the torch path, with a random factor of order 175
+    if rotated:
+        mod.input_transform = OnlineHadamard(1400, hadamard.random_signs(1400, gen), device=DEV)
+    torch._dynamo.reset()
+    cuda_ternary._counters.cache_clear()
+    hadamard._factor_on.cache_clear()
+    hadamard._sylvester_on.cache_clear()
+    f = torch.compile(mod, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(1, 1400, generator=gen).half().to(DEV)
+    ref = mod(x).clone()
+    for _ in range(4):  # warm-up, recording, replays
+        y = f(x)
+        torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-3)
+    torch._dynamo.reset()
+
+
 def test_group_op_passes_torch_library_checks():
     gen = torch.Generator().manual_seed(5)
     mods = [_layer(n, 256, gen, bias=b) for n, b in ((40, True), (13, False), (13, True))]

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from . import lasting
 from .triton_ternary import split_count
 
 _SRC = r"""
@@ -664,10 +665,12 @@ def _sms(device_index: int) -> int:
 @functools.cache
 def _counters(device_index: int, stream: int) -> torch.Tensor:
     """Per-row-range arrival counters of the split-K fix-up, one set per device and stream
-    (kernels on one stream run one after the other); each call leaves them at 0. When the
-    first use is inside a CUDA-graph capture they come from the graph's memory pool, and the
-    captured memset zeroes them again at every replay."""
-    return torch.zeros(1 << 16, dtype=torch.int32, device=f"cuda:{device_index}")
+    (kernels on one stream run one after the other); each call leaves them at 0. Made outside
+    torch.compile's CUDA-graph pools (`lasting`); when the first use is inside a plain
+    CUDA-graph capture they come from that graph's pool, and the captured memset zeroes them
+    again at every replay."""
+    dev = torch.device("cuda", device_index)
+    return lasting.make(lambda: torch.zeros(1 << 16, dtype=torch.int32, device=dev), dev)
 
 
 def matmul(x2: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, splits: int | None = None,

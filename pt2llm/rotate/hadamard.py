@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import torch
 
+from ..kernels import lasting
+
 
 def is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
@@ -128,7 +130,7 @@ def factor(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _factor_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _factor64(n).to(device=device, dtype=dtype)
+    return lasting.make(lambda: _factor64(n).to(device=device, dtype=dtype), device)
 
 
 RADIX = 32  # butterflies of 32 points (five radix-2 stages) at a time, each as a small GEMM
@@ -136,7 +138,7 @@ RADIX = 32  # butterflies of 32 points (five radix-2 stages) at a time, each as 
 
 @lru_cache(maxsize=None)
 def _sylvester_on(q: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return sylvester(q).to(device=device, dtype=dtype)
+    return lasting.make(lambda: sylvester(q).to(device=device, dtype=dtype), device)
 
 
 def _wht(x: torch.Tensor) -> torch.Tensor:

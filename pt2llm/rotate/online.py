@@ -28,10 +28,13 @@ CONFIG_KEY = "pt2llm_rotation"
 def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """x diag(signs) K_n along the last dimension, in float32 for 16-bit inputs (the FWHT sums
     many terms), returned in x's dtype. On CUDA, 16-bit: one Triton kernel
-    (kernels.triton_hadamard); else `hadamard_input_torch`."""
-    if kernels.hadamard_supported(x):
-        if torch.compiler.is_compiling():  # one opaque op for torch.compile (kernels/ops.py)
-            return ops.hadamard_input(x, signs)
+    (kernels.triton_hadamard); else `hadamard_input_torch`. Under torch.compile the kernel,
+    and the torch path of a width whose small factor is random (dynamo cannot trace the
+    seeded generator that makes it), run as one opaque op (kernels/ops.py)."""
+    triton = kernels.hadamard_supported(x)
+    if torch.compiler.is_compiling() and (triton or hadamard.plan(x.shape[-1])[0] == "random"):
+        return ops.hadamard_input(x, signs)
+    if triton:
         from ..kernels import triton_hadamard
         return triton_hadamard.transform(x, signs)
     return hadamard_input_torch(x, signs)
