@@ -36,6 +36,25 @@ def fp16_model(layers: int):
     return model.eval()
 
 
+def decode_setup(doc: str, outputs: str, compile_help: str):
+    """The options and the model of the decode benchmarks built on this file's model (generate.py,
+    sampling.py): (args, date, the fp16 model, a random prompt [1, --prompt-len], the CUDA
+    generator that made it, for ternarize)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help=f"folder for {outputs}")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help=compile_help)
+    args = ap.parse_args()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    model = fp16_model(args.layers)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device="cuda", generator=gen)
+    return args, date, model, prompt, gen
+
+
 @torch.no_grad()
 def ternarize(model, gen) -> int:
     """Every decoder nn.Linear -> TernaryLinear with random codes; returns how many."""

@@ -13,8 +13,6 @@ whose prefill is not timed apart, the whole call over all new tokens.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import sys
 import time
@@ -52,18 +50,7 @@ def ours(model, prompt, new_tokens, compile=False) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, help="folder for generate.json and generate.md")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--compile", action="store_true", help="also time speed.generate with torch.compile")
-    args = ap.parse_args()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    torch.manual_seed(0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    model = e2e.fp16_model(args.layers)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device="cuda", generator=gen)
+    args, date, model, prompt, gen = e2e.decode_setup(__doc__, "generate.json and generate.md", "also time speed.generate with torch.compile")
     rows = []
     for name in ("fp16", "ternary"):
         if name == "ternary":

@@ -10,8 +10,6 @@ sorts the whole vocabulary each step; with top-k 40 only the 40 largest are sort
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -35,18 +33,7 @@ def decode_rate(model, prompt, new_tokens, compile, how) -> tuple[float, str]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, help="folder for sampling.json and sampling.md")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--compile", action="store_true", help="also with the step through torch.compile")
-    args = ap.parse_args()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    torch.manual_seed(0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    model = e2e.fp16_model(args.layers)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device="cuda", generator=gen)
+    args, date, model, prompt, gen = e2e.decode_setup(__doc__, "sampling.json and sampling.md", "also with the step through torch.compile")
     rows = []
     for name in ("fp16", "ternary"):
         if name == "ternary":
