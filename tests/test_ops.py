@@ -165,6 +165,26 @@ def test_backend_groups_the_linears_that_read_one_input():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_backend_is_registered_and_hands_mode_and_options_to_inductor(monkeypatch):
+    """torch.compile(backend="pt2llm", mode=...) calls ops.backend with mode / options; they reach
+    Inductor as config patches, as they would without the grouping pass."""
+    from torch._dynamo.backends import registry
+    assert "pt2llm" in torch._dynamo.list_backends(exclude_tags=())
+    seen = []
+
+    def fake_inductor(gm, inputs, **kw):
+        seen.append(kw)
+        return gm.forward
+
+    monkeypatch.setattr(registry, "lookup_backend", lambda name: fake_inductor)
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    ops.backend(gm, [torch.zeros(1)])
+    ops.backend(gm, [torch.zeros(1)], mode="reduce-overhead")
+    ops.backend(gm, [torch.zeros(1)], options={"max_autotune": True})
+    assert seen == [{}, {"config_patches": {"triton.cudagraphs": True}},
+                    {"config_patches": {"max_autotune": True}}]
+
+
 def test_decode_attention_op_passes_torch_library_checks():
     gen = torch.Generator().manual_seed(9)
     q = torch.randn(1, 4, 1, 32, generator=gen).half().to(DEV)

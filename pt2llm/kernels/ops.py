@@ -123,8 +123,22 @@ def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
     return made
 
 
-def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor"):
-    """A torch.compile backend: group_linears, then `inner` (Inductor by default)."""
+def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor", mode: Optional[str] = None,
+            options: Optional[dict] = None):
+    """A torch.compile backend: group_linears, then `inner` (Inductor by default). torch.compile's
+    `mode` and `options` reach Inductor as they would without this backend ("reduce-overhead":
+    CUDA graphs). Registered as "pt2llm": torch.compile(model, backend="pt2llm"), or in
+    transformers, generate(..., cache_implementation="static",
+    compile_config=CompileConfig(backend="pt2llm"))."""
     group_linears(gm)
     from torch._dynamo.backends.registry import lookup_backend
-    return lookup_backend(inner)(gm, example_inputs)
+    compiler = lookup_backend(inner)
+    if inner == "inductor" and (mode or options):
+        import torch._inductor
+        patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **(options or {})}
+        return compiler(gm, example_inputs, config_patches=patches)
+    return compiler(gm, example_inputs)
+
+
+if "pt2llm" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(backend, name="pt2llm")

@@ -3,7 +3,9 @@ fp16 then ternary: its eager loop (dynamic cache) and cache_implementation="stat
 decode step with CUDA graphs, torch.compile mode "reduce-overhead"). Wall time of the faster of two calls
 after a first call; tokens/s = 256 new tokens / that time.
 
-    PYTHONPATH=$PWD python3 docs/results/generate/hf_static.py 32 OUT.json   (from the repository root, on a GPU)
+    PYTHONPATH=$PWD python3 docs/results/generate/hf_static.py 32 OUT.json [--pt2llm-backend]   (repository root, GPU)
+
+--pt2llm-backend adds rows with compile_config=CompileConfig(backend="pt2llm") (kernels/ops.backend).
 """
 import sys, time, json, traceback
 sys.path.insert(0, "benchmarks")
@@ -35,4 +37,10 @@ for m in ("fp16", "ternary"):
     run(f"{m} eager dynamic")
     run(f"{m} static cache", cache_implementation="static")
     torch._dynamo.reset()
+    if "--pt2llm-backend" in sys.argv:  # the same, compiled through pt2llm's backend (linears grouped)
+        from transformers import CompileConfig
+        import pt2llm.kernels.ops  # noqa: F401  (registers the backend "pt2llm")
+        run(f"{m} static cache, compile_config backend pt2llm", cache_implementation="static",
+            compile_config=CompileConfig(backend="pt2llm"))
+        torch._dynamo.reset()
 json.dump(rows, open(sys.argv[2] if len(sys.argv) > 2 else "/tmp/hf.json", "w"), indent=1)
