@@ -106,13 +106,13 @@ def test_reduce_overhead_compile_with_the_caches_empty(rotated):
     mod = _layer(1000, 1400, gen)  # 1400 = 175 x 8: the torch path, with a random factor of order 175
     if rotated:
         mod.input_transform = OnlineHadamard(1400, hadamard.random_signs(1400, gen), device=DEV)
+    x = torch.randn(1, 1400, generator=gen).half().to(DEV)
+    ref = mod(x).clone()
     torch._dynamo.reset()
-    cuda_ternary._counters.cache_clear()
+    cuda_ternary._counters.cache_clear()  # emptied after the eager call, which fills them
     hadamard._factor_on.cache_clear()
     hadamard._sylvester_on.cache_clear()
     f = torch.compile(mod, mode="reduce-overhead", fullgraph=True)
-    x = torch.randn(1, 1400, generator=gen).half().to(DEV)
-    ref = mod(x).clone()
     for _ in range(4):  # warm-up, recording, replays
         y = f(x)
         torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-3)
