@@ -21,8 +21,7 @@ import time
 
 import torch
 
-from . import sampling as sampling_
-from .sampling import GREEDY, Sampling
+from .sampling import GREEDY, Sampling, next_tokens
 
 
 def model_bytes(model) -> int:
@@ -80,7 +79,7 @@ class Decoder:
         self.graph = None
 
     def _choose(self, logits: torch.Tensor) -> None:
-        self.ids.copy_(sampling_.next_tokens(logits[:, -1], self.sampling, self.generator))
+        self.ids.copy_(next_tokens(logits[:, -1], self.sampling, self.generator))
 
     def reseed(self) -> None:
         """Start the sampling noise again from the seed (the next prefill draws the first)."""

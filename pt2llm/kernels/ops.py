@@ -42,14 +42,10 @@ def _(x, packed, alpha, mu, perm, bias, n_out, block_size):
 
 @torch.library.custom_op("pt2llm::hadamard_input", mutates_args=())
 def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x diag(signs) K_n as one op: triton_hadamard.transform where it takes x, else the torch
-    path (rotate.online.hadamard_input_torch)."""
-    from . import hadamard_supported
-    if hadamard_supported(x):
-        from .triton_hadamard import transform
-        return transform(x, signs)
-    from ..rotate.online import hadamard_input_torch
-    return hadamard_input_torch(x, signs)
+    """x diag(signs) K_n as one op: rotate.online.hadamard_input_eager (the Triton kernel where
+    it takes x, else the torch path)."""
+    from ..rotate.online import hadamard_input_eager
+    return hadamard_input_eager(x, signs)
 
 
 @hadamard_input.register_fake

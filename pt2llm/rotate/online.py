@@ -31,10 +31,15 @@ def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     (kernels.triton_hadamard); else `hadamard_input_torch`. Under torch.compile the kernel,
     and the torch path of a width whose small factor is random (dynamo cannot trace the
     seeded generator that makes it), run as one opaque op (kernels/ops.py)."""
-    triton = kernels.hadamard_supported(x)
-    if torch.compiler.is_compiling() and (triton or hadamard.plan(x.shape[-1])[0] == "random"):
+    if torch.compiler.is_compiling() and (kernels.hadamard_supported(x) or hadamard.plan(x.shape[-1])[0] == "random"):
         return ops.hadamard_input(x, signs)
-    if triton:
+    return hadamard_input_eager(x, signs)
+
+
+def hadamard_input_eager(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """`hadamard_input` outside torch.compile (and the body of its op): the Triton kernel where
+    it takes x, else the torch path."""
+    if kernels.hadamard_supported(x):
         from ..kernels import triton_hadamard
         return triton_hadamard.transform(x, signs)
     return hadamard_input_torch(x, signs)
