@@ -126,7 +126,7 @@ class TernaryLinear(nn.Module):
             from .kernels import triton_ternary
             return triton_ternary.linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
                                          self.out_features, self.block_size,
-                                         inv_perm=self._inverse_perm(triton_ternary.inverse_perm))
+                                         inv_perm=lambda: self._inverse_perm(triton_ternary.inverse_perm))
         return kernels.linear(x, self.weight_permuted(x.dtype), self.perm, self.bias)
 
     def _inverse_perm(self, invert) -> torch.Tensor:

@@ -399,3 +399,76 @@ def test_a_group_launch_gives_each_layer_its_own_launchs_output(shapes, k):
                 assert err < 1e-3, (m, err)  # the group's split count may differ from each layer's
     with pytest.raises(ValueError):
         ct.matmul_group(x, tup * 2)
+
+
+@needs_cuda
+def test_a_remembered_launch_gives_what_a_fresh_launch_gives(monkeypatch):
+    """linear / linear_group remember the CUDA kernel's prepared launch (tt._mma_launch) for
+    eager decoding: every call gives what a fresh launch (ct.matmul / matmul_group, the same
+    split count) gives for that call's x, in new output tensors; a layer whose tensors are
+    changed in place, or replaced, is read afresh; the launch is prepared once per key."""
+    gen = torch.Generator().manual_seed(7)
+    L, _ = _layer(1000, 1408, gen, True)
+    G = [_layer(n, 1408, gen, b)[0] for n, b in ((300, False), (700, True))]
+    tup = [(g["packed"], g["alpha"], g["mu"], g["perm"], g["bias"], n) for g, n in zip(G, (300, 700))]
+    tt.forget_launches()
+    made, prepare = [], ct.prepare
+    monkeypatch.setattr(ct, "prepare", lambda *a, **k: made.append(1) or prepare(*a, **k))
+    for m in (1, 4):
+        outs = []
+        for _ in range(3):
+            x = torch.randn(m, 1408, generator=gen).half().cuda()
+            y = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 1000, 128)
+            assert torch.equal(y, prepare(x, [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 1000)])(x)[0])
+            for y_g, w_g in zip(tt.linear_group(x, tup, 128), prepare(x, tup)(x)):
+                assert torch.equal(y_g, w_g)
+            outs.append(y)
+        assert len({o.data_ptr() for o in outs}) == 3  # each call's own output
+    assert len(made) == 4  # one prepared launch per (rows, layers); the fresh ones above are not counted
+    # in place: the remembered launch reads the new values
+    x = torch.randn(1, 1408, generator=gen).half().cuda()
+    L["alpha"].mul_(2)
+    L["mu"].mul_(2)
+    L["bias"].mul_(2)
+    y = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 1000, 128)
+    assert torch.equal(y, prepare(x, [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 1000)])(x)[0])
+    # replaced: a new tensor is a new key
+    before = len(made)
+    alpha = L["alpha"] / 2
+    y2 = tt.linear(x, L["packed"], alpha, L["mu"], L["perm"], L["bias"], 1000, 128)
+    assert len(made) == before + 1
+    assert torch.equal(y2, prepare(x, [(L["packed"], alpha, L["mu"], L["perm"], L["bias"], 1000)])(x)[0])
+    assert not torch.equal(y2, y)
+    # the switch is part of the key: PT2LLM_CUDA_KERNEL=0 takes the Triton kernel at once
+    monkeypatch.setenv("PT2LLM_CUDA_KERNEL", "0")
+    before, launched, call = len(made), [], ct.Matmul.__call__
+    monkeypatch.setattr(ct.Matmul, "__call__", lambda self, x2: launched.append(1) or call(self, x2))
+    y3 = tt.linear(x, L["packed"], alpha, L["mu"], L["perm"], L["bias"], 1000, 128)
+    assert len(made) == before and not launched
+    assert float((y3.float() - y2.float()).norm() / y2.float().norm()) < 1e-3
+    monkeypatch.delenv("PT2LLM_CUDA_KERNEL")
+    # another stream: a launch of its own, on that stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y4 = tt.linear(x, L["packed"], alpha, L["mu"], L["perm"], L["bias"], 1000, 128)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(made) == before + 1 and torch.equal(y4, y2)
+    tt.forget_launches()
+
+
+@needs_cuda
+def test_a_bias_of_another_dtype_is_converted_at_every_call():
+    """A float32 bias is converted for the kernel at each call (its copy is not remembered)."""
+    gen = torch.Generator().manual_seed(8)
+    L, _ = _layer(300, 512, gen, True)
+    bias32 = L["bias"].float()
+    tt.forget_launches()
+    for _ in range(2):
+        x = torch.randn(1, 512, generator=gen).half().cuda()
+        y = tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], bias32, 300, 128)
+        assert torch.equal(y, tt.linear(x, L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300, 128))
+        tup = [(L["packed"], L["alpha"], L["mu"], L["perm"], bias32, 300)] * 2
+        assert all(torch.equal(g, y) for g in tt.linear_group(x, tup, 128))
+        assert tt._mma_launch(x, tup, 128) is None and tt._mma_launch(x, tup[:1], 128) is None
+    assert tt._mma_launch(x, [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300)], 128) is not None

@@ -54,7 +54,6 @@ import ctypes
 import functools
 import json
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -613,47 +612,53 @@ def _stream(device_index: int) -> int:
     return raw(device_index) if raw is not None else torch.cuda.current_stream(device_index).cuda_stream
 
 
-_ARGS = threading.local()
+def _arg_value(a) -> int:
+    """A kernel argument's 8-byte slot as torch's launcher fills it: a tensor's device
+    pointer, a Python int as a C int (the low 4 bytes of a little-endian slot)."""
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a & 0xFFFFFFFF
 
 
-def _arg_slots(n: int):
-    """(values, pointers): n 8-byte argument slots and the array of their addresses that a
-    launch passes, made once per thread and n and refilled at every launch (the driver copies
-    the values when the launch is made)."""
-    slots = _ARGS.__dict__.setdefault("slots", {})
-    if n not in slots:
-        values = (ctypes.c_uint64 * n)()
-        base = ctypes.addressof(values)
-        slots[n] = values, (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-    return slots[n]
+class Launcher:
+    """One kernel launch (a kernel from torch.cuda._compile_kernel, its grid, block, shared
+    memory, stream and cluster size) with its arguments written once into ctypes slots.
+    Calling it launches; between calls `values[i] = ...` refills the slots that change (the
+    driver copies the values when the launch is made). Cluster dims are (1, cluster, 1) when
+    cluster > 1 (sizes above 8 are allowed on the function first). This is a fraction of
+    torch's launcher's host time: eager decoding launches one kernel a layer and token."""
+
+    def __init__(self, kern, grid, block, shared_mem: int, args, stream: int, cluster: int = 1):
+        lib = _driver()
+        if cluster > 8 and not getattr(kern, "_pt2llm_large_clusters", False):
+            rc = lib.cuFuncSetAttribute(kern.func, _NON_PORTABLE_CLUSTERS, 1)
+            if rc != 0:
+                raise RuntimeError(f"cuFuncSetAttribute(non-portable cluster size) failed with CUDA error {rc}")
+            kern._pt2llm_large_clusters = True
+        n = len(args)
+        self.values = (ctypes.c_uint64 * n)(*[_arg_value(a) for a in args])
+        base = ctypes.addressof(self.values)
+        self._pointers = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        if cluster > 1:
+            self._attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
+            self._attr.value[0], self._attr.value[1], self._attr.value[2] = 1, cluster, 1
+            self._config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                                         ctypes.c_void_p(stream), ctypes.pointer(self._attr), 1)
+            self._call = lib.cuLaunchKernelEx, (ctypes.byref(self._config), kern.func, self._pointers, None)
+            self._what = f"cuLaunchKernelEx (a cluster of {cluster})"
+        else:
+            self._call = lib.cuLaunchKernel, (kern.func, *grid, *block, shared_mem, ctypes.c_void_p(stream),
+                                              self._pointers, None)
+            self._what = "cuLaunchKernel"
+
+    def __call__(self) -> None:
+        fn, args = self._call
+        rc = fn(*args)
+        if rc != 0:
+            raise RuntimeError(f"{self._what} failed with CUDA error {rc}")
 
 
 def _launch(kern, grid, block, shared_mem: int, args, stream: int, cluster: int = 1) -> None:
-    """Launch `kern` (from torch.cuda._compile_kernel) on `stream`, with cluster dims (1,
-    cluster, 1) when cluster > 1 (sizes above 8 are allowed on the function first). Arguments as
-    torch's launcher passes them (tensors as device pointers, Python ints as C ints: the low 4
-    bytes of a little-endian slot), at a fraction of its host time: eager decoding launches one
-    kernel a layer and token."""
-    lib = _driver()
-    if cluster > 8 and not getattr(kern, "_pt2llm_large_clusters", False):
-        rc = lib.cuFuncSetAttribute(kern.func, _NON_PORTABLE_CLUSTERS, 1)
-        if rc != 0:
-            raise RuntimeError(f"cuFuncSetAttribute(non-portable cluster size) failed with CUDA error {rc}")
-        kern._pt2llm_large_clusters = True
-    values, pointers = _arg_slots(len(args))
-    values[:] = [a.data_ptr() if isinstance(a, torch.Tensor) else a & 0xFFFFFFFF for a in args]
-    if cluster > 1:
-        attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
-        attr.value[0], attr.value[1], attr.value[2] = 1, cluster, 1
-        config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                               ctypes.c_void_p(stream), ctypes.pointer(attr), 1)
-        rc = lib.cuLaunchKernelEx(ctypes.byref(config), kern.func, pointers, None)
-        if rc != 0:
-            raise RuntimeError(f"cuLaunchKernelEx (a cluster of {cluster}) failed with CUDA error {rc}")
-    else:
-        rc = lib.cuLaunchKernel(kern.func, *grid, *block, shared_mem, ctypes.c_void_p(stream), pointers, None)
-        if rc != 0:
-            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {rc}")
+    """Launch `kern` once (see Launcher)."""
+    Launcher(kern, grid, block, shared_mem, args, stream, cluster)()
 
 
 @functools.cache
@@ -736,6 +741,48 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
     split count (2 to the settings' "max_cluster", on sm_90), False (or None with `splits`) the
     global fix-up.
     Both sum in split order: at one split count, the same output bit for bit."""
+    return prepare(x2, layers, splits, cluster, **over)(x2)
+
+
+# argument slots of the kernel that change from call to call (see prepare's args)
+_X_SLOT = 0
+_OUT_SLOT = 1 + 5 * MAX_GROUP   # out0..out2
+_PART_SLOT = _OUT_SLOT + MAX_GROUP
+
+
+class Matmul:
+    """matmul_group's launch, prepared (`prepare`) for its layers, its x's row count, width,
+    row stride and device, and the stream it was made on. Calling it with such an x2
+    allocates the outputs (and the split-K partial sums), writes their addresses and x2's
+    into the launch's argument slots, and launches on that stream. The layers' tensors are
+    not kept: their addresses are written in, so whoever keeps a Matmul keys it on them."""
+
+    def __init__(self, launcher: Launcher, m: int, n_outs: list[int], part_shape, device: torch.device,
+                 cluster: int):
+        self.launcher, self.m, self.n_outs, self.part_shape = launcher, m, n_outs, part_shape
+        self.device, self.cluster = device, cluster
+
+    def __call__(self, x2: torch.Tensor) -> list[torch.Tensor]:
+        outs = [torch.empty((self.m, n), device=self.device, dtype=torch.float16) for n in self.n_outs]
+        values = self.launcher.values
+        values[_X_SLOT] = x2.data_ptr()
+        last = len(outs) - 1
+        for i in range(MAX_GROUP):  # unused slots repeat the last layer's (never written: no tiles)
+            values[_OUT_SLOT + i] = outs[min(i, last)].data_ptr()
+        if self.part_shape is not None:
+            part = torch.empty(self.part_shape, device=self.device, dtype=torch.float32)
+            values[_PART_SLOT] = part.data_ptr()
+        else:
+            values[_PART_SLOT] = values[_OUT_SLOT]
+        self.launcher()
+        return outs
+
+
+def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool | None = None,
+            **over) -> Matmul:
+    """The launch that matmul_group(x2, layers, splits, cluster, **over) makes, prepared on
+    the current stream (see Matmul): checks the layers, plans the launch and writes every
+    argument that does not change from call to call."""
     if not 1 <= len(layers) <= MAX_GROUP:
         raise ValueError(f"the CUDA kernel takes 1 to {MAX_GROUP} layers a launch, not {len(layers)}")
     M, K = x2.shape
@@ -748,27 +795,27 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
             raise ValueError("a group's layers must share K, the block count and the column order's dtype")
     dev = _device(x2)
     cap = _capability(dev)
-    n_all = sum(layer[5] for layer in layers)
+    n_outs = [layer[5] for layer in layers]
     settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers],
-                                              [layer[5] for layer in layers], dev, splits, cluster, over)
+                                              n_outs, dev, splits, cluster, over)
     per = -(-NB // splits)
     kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"])
-    outs = [torch.empty(M, layer[5], device=x2.device, dtype=torch.float16) for layer in layers]
-    part = torch.empty(splits, M, n_all, device=x2.device, dtype=torch.float32) if splits > 1 and not cl else outs[0]
     stream = _stream(dev)
     counters = _counters(dev, stream)
     # the kernel's MAX_GROUP slots: unused ones repeat the last layer (never read: no tiles)
     spare = MAX_GROUP - len(layers)
-    slots, out_slots = layers + layers[-1:] * spare, outs + outs[-1:] * spare
+    slots = layers + layers[-1:] * spare
     tensors = [slot[i] for i in range(4) for slot in slots]  # packed0..2, alpha0..2, mu0..2, perm0..2
-    tensors += [slot[4] if slot[4] is not None else slot[1] for slot in slots] + out_slots
-    n = [layer[5] for layer in layers] + [0] * spare
+    tensors += [slot[4] if slot[4] is not None else slot[1] for slot in slots]  # bias0..2
+    n = n_outs + [0] * spare
     bias_mask = sum(1 << i for i, layer in enumerate(layers) if layer[4] is not None)
     ends = [sum(tiles[:1]), sum(tiles[:2])]
     grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
-    args = [x2, *tensors, part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
-    _launch(kern, grid, block, smem, args, stream, cl or 1)
-    return outs
+    outs_part = [0] * (MAX_GROUP + 1)  # out0..2 and the partial sums: written at each call
+    args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
+    part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
+    return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1), M, n_outs, part_shape,
+                  x2.device, cl)
 
 
 def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch.Tensor, block_size: int,

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,7 @@ def update_tuning(settings: dict) -> None:
     for key, value in settings.items():
         nested = isinstance(value, dict) and isinstance(TUNING.get(key), dict)
         TUNING[key] = {**TUNING[key], **value} if nested else value
+    forget_launches()
 
 
 MAX_ORIGINAL_K = 65536  # widest layer dequantize_original takes: 64 KiB of shared memory
@@ -409,31 +411,96 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+_CHOSEN = threading.local()  # per thread: {key: a prepared cuda_ternary.Matmul, or None} (_mma_launch)
+MAX_CHOSEN = 4096            # entries a thread keeps before starting afresh
+
+
+def forget_launches() -> None:
+    """Drop this thread's remembered launches (_mma_launch). update_tuning calls it; call it
+    after changing TUNING or cuda_ternary.TUNING in place."""
+    _CHOSEN.__dict__.pop("memo", None)
+
+
+def _layer_key(packed, alpha, mu, perm, bias, n_out) -> tuple:
+    return (packed.data_ptr(), packed.shape, packed.stride(), alpha.data_ptr(), alpha.shape, alpha.dtype,
+            alpha.stride(), mu.data_ptr(), mu.dtype, mu.stride(), perm.data_ptr(), perm.dtype, perm.shape,
+            perm.stride(), None if bias is None else (bias.data_ptr(), bias.dtype, bias.shape, bias.stride()),
+            n_out)
+
+
+def _mma_launch(x2: torch.Tensor, layers, block_size: int):
+    """The CUDA kernel's launch (cuda_ternary.prepare) that linear (one layer) or linear_group
+    (several) takes by default for rows x2 [M, K] on the current stream, or None where they
+    take another path. Eager decoding calls each layer once a token with the same shapes, so
+    the choice and the prepared launch are remembered, per thread, under everything they
+    depend on: the rows' count, width, stride, dtype and device, the stream, the layers'
+    tensors (addresses, shapes, strides, dtypes), the block size and the PT2LLM_CUDA_KERNEL /
+    PT2LLM_CUDA_TUNED settings. A launch is reused only for tensors at the same addresses
+    and of the same layout, so it writes the same pointers it would write anew."""
+    if x2.shape[0] > 16 or not x2.is_cuda:
+        return None
+    from . import cuda_ternary
+    dev = x2.get_device()
+    key = (x2.shape, x2.stride(0), x2.dtype, dev, cuda_ternary._stream(dev), block_size,
+           os.environ.get("PT2LLM_CUDA_KERNEL"), os.environ.get("PT2LLM_CUDA_TUNED"),
+           *[_layer_key(*layer) for layer in layers])
+    memo = _CHOSEN.__dict__.setdefault("memo", {})
+    try:
+        return memo[key]
+    except KeyError:
+        pass
+    launch = None
+    if all(layer[4] is None or layer[4].dtype == x2.dtype for layer in layers) and _takes_mma(x2, layers, block_size):
+        launch = cuda_ternary.prepare(x2, layers)
+    if len(memo) >= MAX_CHOSEN:
+        memo.clear()
+    memo[key] = launch
+    return launch
+
+
+def _takes_mma(x2: torch.Tensor, layers, block_size: int) -> bool:
+    """Whether linear (one layer) or linear_group (several) launches the CUDA kernel for
+    these layers by default."""
+    if len(layers) == 1:
+        packed, _, _, perm, _, n_out = layers[0]
+        return use_mma(x2, packed, perm, block_size, n_out)
+    from . import cuda_ternary
+    return (len(layers) <= cuda_ternary.MAX_GROUP
+            and len({(layer[1].shape[1], layer[3].dtype) for layer in layers}) == 1
+            and all(use_mma(x2, layer[0], layer[3], block_size, layer[5]) for layer in layers)
+            and (x2.shape[0] <= TUNING["mma_max_m"] or cuda_ternary.clustered(x2, [(p[0], p[5]) for p in layers])))
+
+
 def linear_group(x: torch.Tensor, layers, block_size: int) -> list[torch.Tensor]:
     """[linear(x, *layer, block_size) for layer in layers], layers = [(packed, alpha, mu, perm,
     bias, n_out), ...] that read the same x (q/k/v, gate/up): one launch of the CUDA kernel
     for all of them where it takes each (use_mma) and they share the block count and the
     column order's dtype (cuda_ternary.matmul_group); else one call each."""
     x2 = _rows(x)
-    from . import cuda_ternary
-    if (1 < len(layers) <= cuda_ternary.MAX_GROUP
-            and len({(layer[1].shape[1], layer[3].dtype) for layer in layers}) == 1
-            and all(use_mma(x2, layer[0], layer[3], block_size, layer[5]) for layer in layers)
-            and (x2.shape[0] <= TUNING["mma_max_m"] or cuda_ternary.clustered(x2, [(p[0], p[5]) for p in layers]))):
-        outs = cuda_ternary.matmul_group(
-            x2, [(p, a, m, pm, None if b is None else b.to(x.dtype), n) for p, a, m, pm, b, n in layers])
-        return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
+    if len(layers) > 1:
+        launch = _mma_launch(x2, layers, block_size)
+        if launch is None and _takes_mma(x2, layers, block_size):  # a bias of another dtype
+            from . import cuda_ternary
+            launch = cuda_ternary.prepare(x2, [(p, a, m, pm, None if b is None else b.to(x.dtype), n)
+                                               for p, a, m, pm, b, n in layers])
+        if launch is not None:
+            return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in launch(x2)]
     return [linear(x, *layer, block_size) for layer in layers]
 
 
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
-           path: str | None = None, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
+           path: str | None = None, inv_perm=None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
-    path: "mma" (the CUDA kernel, cuda_ternary), "fused" or "prefill"; by default_path.
-    inv_perm: perm's inverse (inverse_perm(perm)), for prefill; computed there when None."""
+    path: "mma" (the CUDA kernel, cuda_ternary), "fused" or "prefill"; by default_path (the
+    CUDA kernel's launch remembered, _mma_launch).
+    inv_perm: perm's inverse (inverse_perm(perm)), or a function that gives it, for prefill;
+    computed there when None."""
     lead = x.shape[:-1]
     x2 = _rows(x)
     if path is None:
+        launch = _mma_launch(x2, [(packed, alpha, mu, perm, bias, n_out)], block_size)
+        if launch is not None:
+            return launch(x2)[0].reshape(*lead, n_out)
         path = default_path(x2, packed, perm, block_size, n_out)
     bias = None if bias is None else bias.to(x.dtype)
     if path == "mma":
@@ -442,5 +509,5 @@ def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_siz
     elif path == "fused":
         y = matmul(x2, packed, alpha, mu, perm, bias, n_out, block_size)
     else:
-        y = prefill(x2, packed, alpha, mu, perm, bias, n_out, block_size, inv_perm)
+        y = prefill(x2, packed, alpha, mu, perm, bias, n_out, block_size, inv_perm() if callable(inv_perm) else inv_perm)
     return y.reshape(*lead, n_out)

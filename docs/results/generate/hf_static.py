@@ -3,7 +3,7 @@ fp16 then ternary: its eager loop (dynamic cache) and cache_implementation="stat
 decode step with CUDA graphs, torch.compile mode "reduce-overhead"). Wall time of the faster of two calls
 after a first call; tokens/s = 256 new tokens / that time.
 
-    PYTHONPATH=$PWD python3 docs/results/generate/hf_static.py 32 OUT.json [--pt2llm-backend]   (repository root, GPU)
+    PYTHONPATH=$PWD python3 docs/results/generate/hf_static.py 32 OUT.json [--pt2llm-backend] [--eager-only]   (repository root, GPU)
 
 --pt2llm-backend adds rows with compile_config=CompileConfig(backend="pt2llm") (kernels/ops.backend).
 """
@@ -35,6 +35,8 @@ for m in ("fp16", "ternary"):
     if m == "ternary":
         e2e.ternarize(model, gen)
     run(f"{m} eager dynamic")
+    if "--eager-only" in sys.argv:
+        continue
     run(f"{m} static cache", cache_implementation="static")
     torch._dynamo.reset()
     if "--pt2llm-backend" in sys.argv:  # the same, compiled through pt2llm's backend (linears grouped)
