@@ -1,6 +1,7 @@
 """What sampling costs in `pt2llm generate`'s decode loop, on one CUDA GPU: the Llama-2-7B-shaped
 model of benchmarks/e2e.py (random weights) in fp16, then ternary; greedy against two sampling
-settings, each step's draw inside the CUDA graph (pt2llm.sampling).
+settings, each step's draw (and the repetition penalty's tokens seen) inside the CUDA graph
+(pt2llm.sampling).
 
     PYTHONPATH=$PWD python3 benchmarks/sampling.py --compile --out docs/results   # sampling.json, sampling.md
 
@@ -23,7 +24,8 @@ from pt2llm import speed  # noqa: E402
 from pt2llm.sampling import GREEDY, Sampling  # noqa: E402
 
 SETTINGS = {"greedy": GREEDY, "temperature 0.7, top-k 40, top-p 0.95": Sampling(0.7, top_k=40, top_p=0.95),
-            "temperature 0.7, top-p 0.95": Sampling(0.7, top_p=0.95)}
+            "temperature 0.7, top-p 0.95": Sampling(0.7, top_p=0.95),
+            "temperature 0.7, min-p 0.05, repetition penalty 1.1": Sampling(0.7, min_p=0.05, repetition_penalty=1.1)}
 
 
 def decode_rate(model, prompt, new_tokens, compile, how) -> tuple[float, str]:

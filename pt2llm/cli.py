@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0,
                    help="sample only from the most likely tokens that together hold this probability "
                         "(nucleus sampling; default 1: off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="sample only from tokens at least this fraction as likely as the most likely one "
+                        "(default 0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the positive logits (multiply the negative ones) of tokens already in the text "
+                        "by this, greedy or sampled (transformers' rule; default 1: off, 1.1-1.3 curbs loops)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text once it holds TEXT (kept in the output); may be given more than once")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0); the same seed, the same text")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 

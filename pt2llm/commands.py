@@ -183,9 +183,13 @@ def generate(args) -> int:
     from . import speed
     from .sampling import Sampling
 
-    how = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # checked before the model loads
-    if how.greedy and (args.top_k or args.top_p < 1):
-        raise ValueError("--top-k and --top-p choose among tokens to sample: give a --temperature above 0 as well")
+    how = Sampling(args.temperature, args.top_k, args.top_p, args.seed, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty)  # checked before the model loads
+    if how.greedy and (args.top_k or args.top_p < 1 or args.min_p > 0):
+        raise ValueError("--top-k, --top-p and --min-p choose among tokens to sample: give a --temperature above 0 "
+                         "as well")
+    if any(not s for s in args.stop):
+        raise ValueError("--stop takes a non-empty text")
     device = _device(args.device)
     model, tok, _ = sources.load_any(args.model, progress=not args.no_progress, device=device)
     if args.chat:  # the prompt as a user's message, in the tokenizer's chat template
@@ -206,8 +210,9 @@ def generate(args) -> int:
     from transformers import TextStreamer
     # prints the prompt (not with --chat: only the reply), then each chunk of new tokens
     streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True)
+    stop = speed.stop_strings(tok, args.stop) if args.stop else None
     r = speed.generate(model.eval(), ids, args.max_new_tokens, eos, compile=args.compile, streamer=streamer,
-                       sampling=how)
+                       sampling=how, stop=stop)
     new = [t for t in r["tokens"][0].tolist() if t >= 0]
     steps = r["steps"]
     rate = f", {steps / r['decode_s']:.1f} tokens/s" if steps and r["decode_s"] > 0 else ""

@@ -76,10 +76,13 @@ class Decoder:
         self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=dev)  # True: attend
         self.sampling = sampling
         self.generator = None if sampling.greedy else torch.Generator(device=dev).manual_seed(sampling.seed)
+        self.seen = None  # [batch, V] bool, the tokens in each sequence so far (repetition penalty only)
         self.graph = None
 
     def _choose(self, logits: torch.Tensor) -> None:
-        self.ids.copy_(next_tokens(logits[:, -1], self.sampling, self.generator))
+        self.ids.copy_(next_tokens(logits[:, -1], self.sampling, self.generator, self.seen))
+        if self.seen is not None:
+            self.seen.scatter_(1, self.ids, True)
 
     def reseed(self) -> None:
         """Start the sampling noise again from the seed (the next prefill draws the first)."""
@@ -94,6 +97,12 @@ class Decoder:
         pos = torch.arange(n, device=prompt.device)
         out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
                          position_ids=pos[None].expand(prompt.shape[0], -1), use_cache=True, logits_to_keep=1)
+        if self.sampling.penalised:  # the prompt's tokens count as seen
+            shape = (prompt.shape[0], out.logits.shape[-1])
+            if self.seen is None or self.seen.shape != shape:
+                self.seen = torch.zeros(shape, dtype=torch.bool, device=prompt.device)
+            self.seen.zero_()
+            self.seen.scatter_(1, prompt, True)
         self._choose(out.logits)
         self.pos.fill_(n)
         self.mask.zero_()
@@ -152,7 +161,7 @@ class Decoder:
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | frozenset = frozenset(), *,
              graphs: bool = True, compile: bool = False, attention: str = "pt2llm",
-             check_every: int | None = None, streamer=None, sampling: Sampling = GREEDY) -> dict:
+             check_every: int | None = None, streamer=None, sampling: Sampling = GREEDY, stop=None) -> dict:
     """Continuation of `prompt` [batch, n] through the decode step above (what `pt2llm
     generate` runs), greedy or as `sampling` says (the same seed gives the same tokens on the
     same device, graph or not): at most `max_new_tokens` tokens a sequence, stopping once every sequence
@@ -162,6 +171,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
     synchronised each step, and 1 on the CPU). streamer: one sequence's streamer, as
     transformers' generate takes (e.g. TextStreamer): put() gets the prompt, then the new
     tokens at each check (up to the eos), and end() at the end.
+    stop: for one sequence, a function of its new tokens so far (a list, up to any eos) that
+    returns how many of them to keep where they should end there (a stop string: see
+    `stop_strings`), else None; it is asked at each check, and the tokens after the count it
+    gives are cut off as after an eos.
     Returns {"tokens": [batch, k] (k <= max_new_tokens, -1 after a sequence's eos),
     "prefill_s", "decode_s", "steps", "decode_mode"}; the times include the first step's
     compilation when compile=True."""
@@ -169,6 +182,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if streamer is not None and prompt.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence, not a batch of {prompt.shape[0]}")
+    if stop is not None and prompt.shape[0] != 1:
+        raise ValueError(f"stop takes one sequence, not a batch of {prompt.shape[0]}")
     dev = prompt.device
     cuda = dev.type == "cuda"
     check_every = check_every or (16 if cuda else 1)
@@ -195,18 +210,25 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
         out[:, 0] = dec.ids[:, 0]
         sync()
         t1 = time.perf_counter()
-        n, sent = 1, 0
+        n, sent, stopped, steps = 1, 0, False, 0
         eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
 
         def finished() -> bool:
-            """Whether every sequence has an eos; hands the streamer its new tokens (a sync point)."""
-            nonlocal sent
+            """Whether every sequence has an eos or `stop` ends it; hands the streamer its new
+            tokens (a sync point)."""
+            nonlocal sent, n, stopped
+            if stop is not None and not stopped:
+                new = out[0, :n].tolist()
+                cut = next((i for i, t in enumerate(new) if t in eos), None)
+                keep = stop(new if cut is None else new[:cut + 1])
+                if keep is not None:
+                    n, stopped = min(n, max(int(keep), 1)), True  # out[:, :n] is what is returned
             if streamer is not None and sent < n:
                 new = out[0, sent:n].tolist()
                 cut = next((i for i, t in enumerate(new) if t in eos), None)
                 streamer.put(torch.tensor(new if cut is None else new[:cut + 1]))
                 sent = n
-            return bool(eos) and bool(torch.isin(out[:, :n], eos_t).any(1).all())
+            return stopped or (bool(eos) and bool(torch.isin(out[:, :n], eos_t).any(1).all()))
 
         if streamer is not None:
             streamer.put(prompt[0].cpu())
@@ -215,8 +237,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
                 dec.step()
                 out[:, n] = dec.ids[:, 0]
                 n += 1
+                steps += 1
+        if streamer is not None or stop is not None:
+            finished()  # the last chunk: stop asked, the streamer handed what is left
         if streamer is not None:
-            finished()
             streamer.end()
         sync()
         t2 = time.perf_counter()
@@ -228,7 +252,34 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
         out[(hit.cumsum(1) - hit) > 0] = -1
         k = int((out >= 0).sum(1).max())
         out = out[:, :k]
-    return {"tokens": out.cpu(), "prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": n - 1, "decode_mode": how}
+    return {"tokens": out.cpu(), "prefill_s": t1 - t0, "decode_s": t2 - t1, "steps": steps, "decode_mode": how}
+
+
+def stop_strings(tokenizer, strings) -> "callable":
+    """A `stop` for generate: the fewest new tokens whose text (decoded without special
+    tokens) holds one of `strings`, or None while none does. The text is kept up to and
+    including the stop string's tokens, as transformers' stop_strings does."""
+    strings = [s for s in strings if s]
+    if not strings:
+        raise ValueError("stop strings must not be empty")
+
+    def has(tokens) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in strings)
+
+    def stop(tokens):
+        if not has(tokens):
+            return None
+        lo, hi = 1, len(tokens)  # the fewest tokens whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if has(tokens[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    return stop
 
 
 def measure(model, prompt_len: int = 128, new_tokens: int = 256, batch: int = 1, graphs: bool = True,

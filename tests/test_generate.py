@@ -74,6 +74,61 @@ def test_sampled_tokens_come_from_the_filtered_distribution():
         ids.append(t)
 
 
+@pytest.mark.parametrize("penalty", [1.8, 0.5])
+def test_repetition_penalty_matches_transformers_generate(penalty):
+    """Greedy with a repetition penalty: transformers' generate(repetition_penalty=...) token
+    for token, the prompt's tokens counted as seen; sampled, it repeats with its seed."""
+    model = _model(seed=4)
+    prompt = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(8))
+    r = speed.generate(model, prompt, 14, sampling=Sampling(repetition_penalty=penalty))
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=14, do_sample=False,
+                          pad_token_id=0, repetition_penalty=penalty)[:, 6:]
+    assert torch.equal(r["tokens"], want)
+    assert not torch.equal(r["tokens"], speed.generate(model, prompt, 14)["tokens"])
+    hot = Sampling(1.2, top_k=20, min_p=0.05, repetition_penalty=penalty, seed=2)
+    assert torch.equal(speed.generate(model, prompt, 14, sampling=hot)["tokens"],
+                       speed.generate(model, prompt, 14, sampling=hot)["tokens"])
+
+
+def test_min_p_one_decodes_greedily():
+    model = _model(seed=5)
+    prompt = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(speed.generate(model, prompt, 12, sampling=Sampling(4.0, min_p=1.0, seed=3))["tokens"],
+                       speed.generate(model, prompt, 12)["tokens"])
+
+
+def test_stop_cuts_the_text_where_it_says_and_the_streamer_gets_no_more():
+    model = _model(seed=3)
+    prompt = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(6))
+    free = speed.generate(model, prompt, 20)["tokens"][0].tolist()
+    seq = free[9:11]  # "stop once these two tokens have come": the first place they do
+    at = next(i for i in range(len(free) - 1) if free[i:i + 2] == seq) + 2
+
+    def stop(tokens):
+        return next((i + 2 for i in range(len(tokens) - 1) if tokens[i:i + 2] == seq), None)
+
+    s = _Collect()
+    r = speed.generate(model, prompt, 20, check_every=4, streamer=s, stop=stop)
+    assert r["tokens"][0].tolist() == free[:at]
+    assert [t for chunk in s.puts[1:] for t in chunk] == free[:at]
+    assert at - 1 <= r["steps"] <= at + 2  # checked every 4 steps: at most 3 past the stop
+    with pytest.raises(ValueError, match="one sequence"):
+        speed.generate(model, prompt.repeat(2, 1), 3, stop=stop)
+
+
+def test_stop_strings_keep_the_fewest_tokens_that_hold_the_text():
+    class Tok:  # token t decodes to the letter chr(97 + t % 26)
+        def decode(self, tokens, skip_special_tokens=True):
+            return "".join(chr(97 + t % 26) for t in tokens)
+
+    stop = speed.stop_strings(Tok(), ["cd", "zz"])
+    assert stop([0, 1, 2, 3, 4]) == 4  # "abcde": "cd" ends at the 4th token
+    assert stop([0, 1, 2]) is None
+    assert stop([25, 25, 2, 3]) == 2
+    with pytest.raises(ValueError):
+        speed.stop_strings(Tok(), [""])
+
+
 def test_batch_pads_each_sequence_after_its_own_eos():
     model = _model(seed=2)
     prompt = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(5))
@@ -184,6 +239,21 @@ def test_cuda_graph_samples_like_eager():
     assert not torch.equal(g["tokens"], speed.generate(model, prompt, 24)["tokens"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
+def test_cuda_graph_penalises_repeats_like_eager():
+    """The tokens seen, which the repetition penalty reads, are updated inside the graph."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval().half().cuda()
+    prompt = torch.randint(0, 100, (2, 6), device="cuda")
+    for how in (Sampling(repetition_penalty=2.0), Sampling(1.3, min_p=0.05, repetition_penalty=1.5, seed=1)):
+        g = speed.generate(model, prompt, 24, check_every=5, sampling=how)
+        assert g["decode_mode"] == "cuda-graph"
+        assert torch.equal(g["tokens"], speed.generate(model, prompt, 24, graphs=False, sampling=how)["tokens"])
+    assert not torch.equal(g["tokens"], speed.generate(model, prompt, 24, check_every=5)["tokens"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile's CUDA graphs need CUDA")
 def test_transformers_static_cache_generate_runs_a_ternary_model():
     """transformers' generate(cache_implementation="static") compiles the decode step with CUDA
@@ -261,8 +331,28 @@ def test_command_samples_with_a_seed(tiny, capsys):
     assert "greedy" in capsys.readouterr().err
 
 
+def test_command_stops_at_a_stop_text_and_penalises_repeats(tiny, capsys):
+    _, d = tiny
+    run = ["generate", str(d / "float"), "the quick", "--max-new-tokens", "24", "--device", "cpu", "--no-progress"]
+    assert cli.main(run) == 0
+    free = capsys.readouterr().out
+    new = free[len("the quick"):]
+    pick = new.strip()[4:7]  # a piece of the continuation
+    assert len(pick) == 3
+    assert cli.main(run + ["--stop", pick, "--stop", "no such text"]) == 0
+    out, err = capsys.readouterr()
+    assert out.rstrip("\n").endswith(pick) and free.startswith(out.rstrip("\n"))
+    assert out.count(pick) == 1 + "the quick".count(pick)
+    assert cli.main(run + ["--repetition-penalty", "1.5"]) == 0
+    out, err = capsys.readouterr()
+    assert "greedy (repetition penalty 1.5)" in err
+
+
 @pytest.mark.parametrize("bad, says", [(["--top-k", "5"], "--temperature"), (["--temperature", "-1"], "temperature"),
-                                       (["--temperature", "1", "--top-p", "0"], "top_p")])
+                                       (["--temperature", "1", "--top-p", "0"], "top_p"),
+                                       (["--min-p", "0.1"], "--temperature"),
+                                       (["--repetition-penalty", "0"], "repetition_penalty"),
+                                       (["--stop", ""], "--stop")])
 def test_command_refuses_bad_sampling(tiny, capsys, bad, says):
     _, d = tiny
     assert cli.main(["generate", str(d / "float"), "the quick", "--device", "cpu"] + bad) == 2
