@@ -20,6 +20,8 @@ stream of w = max(1, ceil(log2 in)) bits an entry (pack.pack_perm: ceil(in*w/8) 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -61,6 +63,7 @@ class TernaryLinear(nn.Module):
         else:
             self.bias = None
         self.input_transform = None  # optional module applied to x first (rotate.online; its state is saved)
+        self.siblings = None  # a Siblings group while `grouped` holds (not state)
 
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None = None, bits: int | None = None):
@@ -123,11 +126,17 @@ class TernaryLinear(nn.Module):
             if torch.compiler.is_compiling():  # one opaque op for torch.compile (kernels/ops.py)
                 return ops.ternary_linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
                                           self.out_features, self.block_size)
+            if self.siblings is not None and x.numel() <= 16 * x.shape[-1]:  # decode rows (prefill: alone)
+                return self.siblings.output(self, x)
             from .kernels import triton_ternary
             return triton_ternary.linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
                                          self.out_features, self.block_size,
                                          inv_perm=lambda: self._inverse_perm(triton_ternary.inverse_perm))
         return kernels.linear(x, self.weight_permuted(x.dtype), self.perm, self.bias)
+
+    def layer(self) -> tuple:
+        """(packed, alpha, mu, perm, bias, out_features): what the kernels' linear takes."""
+        return self.packed, self.alpha, self.mu, self.perm, self.bias, self.out_features
 
     def _inverse_perm(self, invert) -> torch.Tensor:
         """perm's inverse (for the prefill kernel), computed once per perm tensor and device;
@@ -147,3 +156,65 @@ class TernaryLinear(nn.Module):
         kind = "ternary" if self.bits is None else f"uint{self.bits}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block_size={self.block_size}, codes={kind}")
+
+
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # transformers' names
+
+
+class Siblings:
+    """TernaryLinears that read the same input (a decoder layer's q/k/v, its gate/up), while
+    `grouped` holds: the first of them called with a CUDA tensor x of up to 16 rows (decode;
+    longer inputs run each layer alone) computes all of their
+    outputs (triton_ternary.linear_group: one launch of the CUDA kernel where it takes them)
+    and keeps the others' until each is called with that same tensor, unchanged since (the
+    same object and version); any other call computes afresh. Outputs equal each layer's own
+    up to the split-K sum's rounding (the group's split count may differ)."""
+
+    def __init__(self, members: list[TernaryLinear]):
+        self.members = members
+        self._x, self._version, self._kept = None, None, {}
+
+    def output(self, member: TernaryLinear, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import triton_ternary
+        if x is self._x and x._version == self._version and member in self._kept:
+            y = self._kept.pop(member)
+            if not self._kept:
+                self._x = None
+            return y
+        ys = triton_ternary.linear_group(x, [m.layer() for m in self.members], member.block_size)
+        self._x, self._version = x, x._version
+        self._kept = {m: y for m, y in zip(self.members, ys) if m is not member}
+        return ys[self.members.index(member)]
+
+
+def sibling_groups(model: nn.Module) -> list[list[TernaryLinear]]:
+    """The groups of TernaryLinears under one parent that transformers' models call on one
+    input (SIBLING_NAMES), where they all share the input width, block size and ternary
+    format-2 codes and have no online transform."""
+    groups = []
+    for parent in model.modules():
+        for names in SIBLING_NAMES:
+            mods = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, TernaryLinear) for m in mods):
+                continue
+            if (len({(m.in_features, m.block_size) for m in mods}) == 1
+                    and all(m.bits is None and m.packing == 2 and m.input_transform is None for m in mods)):
+                groups.append(mods)
+    return groups
+
+
+@contextlib.contextmanager
+def grouped(model: nn.Module):
+    """Within it, the model's sibling TernaryLinears (sibling_groups) compute their outputs
+    together on CUDA outside torch.compile (Siblings): fewer launches a decoder layer, which
+    speed.Decoder's uncompiled step uses (under torch.compile, ops.backend groups them)."""
+    groups = [Siblings(g) for g in sibling_groups(model)]
+    for g in groups:
+        for m in g.members:
+            m.siblings = g
+    try:
+        yield groups
+    finally:
+        for g in groups:
+            for m in g.members:
+                m.siblings = None

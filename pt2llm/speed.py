@@ -16,6 +16,7 @@ online Hadamard reach it as opaque custom ops, and the ternary linears that read
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -78,6 +79,11 @@ class Decoder:
         self.generator = None if sampling.greedy else torch.Generator(device=dev).manual_seed(sampling.seed)
         self.seen = None  # [batch, V] bool, the tokens in each sequence so far (repetition penalty only)
         self.graph = None
+        # q/k/v and gate/up in one launch each in the uncompiled step (torch.compile groups them itself)
+        self._grouping = contextlib.ExitStack()
+        if not compile:
+            from .nn import grouped
+            self._grouping.enter_context(grouped(model))
 
     def _choose(self, logits: torch.Tensor) -> None:
         self.ids.copy_(next_tokens(logits[:, -1], self.sampling, self.generator, self.seen))
@@ -152,7 +158,9 @@ class Decoder:
             self._step()
 
     def close(self) -> None:
-        """Give the model back its own attention function (the graph stays replayable)."""
+        """Give the model back its own attention function and ungrouped linears (the graph
+        stays replayable)."""
+        self._grouping.close()
         if self._attn_before is not None:
             from . import attention as attn
             attn.restore(self.model, self._attn_before)

@@ -358,3 +358,55 @@ def test_command_refuses_bad_sampling(tiny, capsys, bad, says):
     assert cli.main(["generate", str(d / "float"), "the quick", "--device", "cpu"] + bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("pt2llm: error:") and says in err
+
+
+def test_sibling_groups_are_the_linears_that_read_one_input():
+    from pt2llm import nn as pnn
+    from pt2llm.rotate import online
+    model = _ternarize(_model(), torch.Generator().manual_seed(1))
+    groups = pnn.sibling_groups(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    assert sorted(tuple(names[id(m)].rsplit(".", 1)[1] for m in g) for g in groups) == \
+        [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.input_transform = online.OnlineHadamard(attn.k_proj.in_features)  # no longer one input
+    assert len(pnn.sibling_groups(model)) == 3
+    x = torch.randn(1, 3, 64)
+    with pnn.grouped(model) as gs:
+        assert len(gs) == 3 and model.model.layers[1].mlp.up_proj.siblings is gs[-1]
+        y = model.model.layers[1].self_attn.q_proj(x)  # on the CPU: the reference path, as without
+    assert all(m.siblings is None for g in groups for m in g)
+    assert torch.equal(y, model.model.layers[1].self_attn.q_proj(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped launch needs CUDA")
+def test_siblings_compute_together_once_and_hand_out_each_output(monkeypatch):
+    from pt2llm import nn as pnn
+    from pt2llm.kernels import triton_ternary as tt
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = _ternarize(AutoModelForCausalLM.from_config(cfg).eval(), torch.Generator().manual_seed(2)).half().cuda()
+    attn = model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    calls, group = [], tt.linear_group
+    monkeypatch.setattr(tt, "linear_group", lambda *a: calls.append(1) or group(*a))
+    x = torch.randn(1, 1, 256, device="cuda", dtype=torch.float16)
+    want = group(x, [m.layer() for m in (q, k, v)], 128)
+    with pnn.grouped(model):
+        got = [v(x), q(x), k(x)]  # any order: the first computes all three
+        assert len(calls) == 1
+        assert all(torch.equal(a, b) for a, b in zip(got, [want[2], want[0], want[1]]))
+        k(x)
+        k(x)  # k's output was handed out already: computed afresh
+        assert len(calls) == 3
+        q(x)  # kept from the last computation
+        assert len(calls) == 3
+        x.mul_(2)  # changed in place: not the same input any more
+        assert torch.equal(k(x), group(x, [m.layer() for m in (q, k, v)], 128)[1]) and len(calls) == 4
+        q(x)
+        assert torch.equal(v(x.clone()), v.siblings.output(v, x.clone())) and len(calls) == 6  # other tensors
+        for m in (q, k, v):  # each alone: the same up to the split-K sum's rounding
+            alone = tt.linear(x, *m.layer(), 128)
+            assert float((m(x).float() - alone.float()).norm() / alone.float().norm()) < 1e-3
+        assert len(calls) == 7
+    assert q.siblings is None

@@ -1,6 +1,7 @@
 """transformers' eager generate loop (dynamic cache, greedy) on the Llama-2-7B-shaped model of
 benchmarks/e2e.py (random weights): fp16, the ternary model with this tree's pt2llm, and the
-ternary model with an older copy of the package (A/B), in one process, their calls interleaved,
+ternary model with an older copy of the package (A/B), and this tree's ternary model inside
+`pt2llm.nn.grouped` (q/k/v and gate/up computed together), in one process, their calls interleaved,
 because this loop is bound by the host and the host's speed drifts by tens of percent within a
 run. Each decode step's wall time is stamped by a stopping criterion; reported per model: the
 10th percentile and the median step over all rounds, and tokens/s at each.
@@ -57,12 +58,18 @@ class Stamp(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-steps = {name: [] for name in models}
+import contextlib  # noqa: E402
+from pt2llm.nn import grouped  # noqa: E402
+
+runs = {name: (model, contextlib.nullcontext) for name, model in models.items()}
+runs["ternary, this tree, nn.grouped"] = (models["ternary, this tree"], lambda: grouped(models["ternary, this tree"]))
+steps = {name: [] for name in runs}
 for r in range(rounds + 1):  # round 0 warms up
-    for name, model in models.items():
+    for name, (model, context) in runs.items():
         s = Stamp()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([s]))
+        with context():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([s]))
         if r:
             steps[name] += [(b - a) * 1e3 for a, b in zip(s.t, s.t[1:])]
 rows = []
