@@ -163,12 +163,13 @@ SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # tr
 
 class Siblings:
     """TernaryLinears that read the same input (a decoder layer's q/k/v, its gate/up), while
-    `grouped` holds: the first of them called with a CUDA tensor x of up to 16 rows (decode;
-    longer inputs run each layer alone) computes all of their
-    outputs (triton_ternary.linear_group: one launch of the CUDA kernel where it takes them)
-    and keeps the others' until each is called with that same tensor, unchanged since (the
-    same object and version); any other call computes afresh. Outputs equal each layer's own
-    up to the split-K sum's rounding (the group's split count may differ)."""
+    `grouped` holds. The first of them called with a CUDA tensor x of up to 16 rows (decode;
+    longer inputs run each layer alone) computes all of their outputs
+    (triton_ternary.linear_group: one launch of the CUDA kernel where it takes them) and keeps
+    the others' until each is called with that same tensor, unchanged since (the same object,
+    held here, and the same version); any other call computes afresh. Outputs equal each
+    layer's own up to the split-K sum's rounding (the group's split count may differ). For
+    one thread at a time (speed.Decoder's step)."""
 
     def __init__(self, members: list[TernaryLinear]):
         self.members = members

@@ -12,7 +12,8 @@ step's attention is the split-key Triton kernel (pt2llm.attention, kernels/trito
 no CUDA graphs of its own: the step's graph holds it), which fuses the small kernels
 between the linears (norms, rotary embedding, the SiLU product); TernaryLinear and the
 online Hadamard reach it as opaque custom ops, and the ternary linears that read one input
-(q/k/v, gate/up) become one launch (kernels/ops.py, `backend`). Prefill stays eager.
+(q/k/v, gate/up) become one launch (kernels/ops.py, `backend`); without it the step groups them
+itself (nn.grouped). Prefill stays eager.
 """
 from __future__ import annotations
 

@@ -757,10 +757,8 @@ class Matmul:
     into the launch's argument slots, and launches on that stream. The layers' tensors are
     not kept: their addresses are written in, so whoever keeps a Matmul keys it on them."""
 
-    def __init__(self, launcher: Launcher, m: int, n_outs: list[int], part_shape, device: torch.device,
-                 cluster: int):
-        self.launcher, self.m, self.n_outs, self.part_shape = launcher, m, n_outs, part_shape
-        self.device, self.cluster = device, cluster
+    def __init__(self, launcher: Launcher, m: int, n_outs: list[int], part_shape, device: torch.device):
+        self.launcher, self.m, self.n_outs, self.part_shape, self.device = launcher, m, n_outs, part_shape, device
 
     def __call__(self, x2: torch.Tensor) -> list[torch.Tensor]:
         outs = [torch.empty((self.m, n), device=self.device, dtype=torch.float16) for n in self.n_outs]
@@ -814,8 +812,7 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     outs_part = [0] * (MAX_GROUP + 1)  # out0..2 and the partial sums: written at each call
     args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
     part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
-    return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1), M, n_outs, part_shape,
-                  x2.device, cl)
+    return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1), M, n_outs, part_shape, x2.device)
 
 
 def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch.Tensor, block_size: int,
