@@ -201,16 +201,23 @@ def _ternarize(model, gen):
     return model
 
 
+def _cuda_model(layers=2, ternary_seed=None):
+    """A random fp16 Llama on CUDA, wide enough for the CUDA kernel (K a multiple of 32); its
+    decoder linears ternary (random, _ternarize) when ternary_seed is given."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if ternary_seed is not None:
+        _ternarize(model, torch.Generator().manual_seed(ternary_seed))
+    return model.half().cuda()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
 @pytest.mark.parametrize("ternary", [False, True])
 def test_cuda_graph_tokens_match_eager(ternary):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    if ternary:  # the CUDA mma kernel (M = 1) launched by cuda_ternary._launch, replayed in the graph
-        _ternarize(model, torch.Generator().manual_seed(0))
-    model = model.half().cuda()
+    # ternary: the CUDA mma kernel (M = 1) launched by cuda_ternary's Launcher, replayed in the graph
+    model = _cuda_model(ternary_seed=0 if ternary else None)
     prompt = torch.randint(0, 100, (1, 6), device="cuda")
     g = speed.generate(model, prompt, 24, check_every=5)
     e = speed.generate(model, prompt, 24, graphs=False)
@@ -225,10 +232,7 @@ def test_cuda_graph_tokens_match_eager(ternary):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
 def test_cuda_graph_samples_like_eager():
     """The graph replays draw the eager step's noise: the same seed, the same tokens."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(cfg).eval().half().cuda()
+    model = _cuda_model()
     prompt = torch.randint(0, 100, (2, 6), device="cuda")
     how = Sampling(1.5, top_k=50, top_p=0.9, seed=3)
     g = speed.generate(model, prompt, 24, check_every=5, sampling=how)
@@ -242,10 +246,7 @@ def test_cuda_graph_samples_like_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
 def test_cuda_graph_penalises_repeats_like_eager():
     """The tokens seen, which the repetition penalty reads, are updated inside the graph."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(cfg).eval().half().cuda()
+    model = _cuda_model()
     prompt = torch.randint(0, 100, (2, 6), device="cuda")
     for how in (Sampling(repetition_penalty=2.0), Sampling(1.3, min_p=0.05, repetition_penalty=1.5, seed=1)):
         g = speed.generate(model, prompt, 24, check_every=5, sampling=how)
@@ -258,12 +259,7 @@ def test_cuda_graph_penalises_repeats_like_eager():
 def test_transformers_static_cache_generate_runs_a_ternary_model():
     """transformers' generate(cache_implementation="static") compiles the decode step with CUDA
     graphs (mode="reduce-overhead"); a ternary model must run there as the fp16 one does."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    _ternarize(model, torch.Generator().manual_seed(0))
-    model = model.half().cuda()
+    model = _cuda_model(ternary_seed=0)
     prompt = torch.randint(0, 100, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     torch._dynamo.reset()
     try:
@@ -383,9 +379,7 @@ def test_sibling_groups_are_the_linears_that_read_one_input():
 def test_siblings_compute_together_once_and_hand_out_each_output(monkeypatch):
     from pt2llm import nn as pnn
     from pt2llm.kernels import triton_ternary as tt
-    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = _ternarize(AutoModelForCausalLM.from_config(cfg).eval(), torch.Generator().manual_seed(2)).half().cuda()
+    model = _cuda_model(layers=1, ternary_seed=2)
     attn = model.model.layers[0].self_attn
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     calls, group = [], tt.linear_group
