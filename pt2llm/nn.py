@@ -124,13 +124,11 @@ class TernaryLinear(nn.Module):
             x = self.input_transform(x)
         if x.is_cuda and self.packing == 2 and kernels.triton_supported(x, self.block_size):
             if torch.compiler.is_compiling():  # one opaque op for torch.compile (kernels/ops.py)
-                return ops.ternary_linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
-                                          self.out_features, self.block_size)
+                return ops.ternary_linear(x, *self.layer(), self.block_size)
             if self.siblings is not None and x.numel() <= 16 * x.shape[-1]:  # decode rows (prefill: alone)
                 return self.siblings.output(self, x)
             from .kernels import triton_ternary
-            return triton_ternary.linear(x, self.packed, self.alpha, self.mu, self.perm, self.bias,
-                                         self.out_features, self.block_size,
+            return triton_ternary.linear(x, *self.layer(), self.block_size,
                                          inv_perm=lambda: self._inverse_perm(triton_ternary.inverse_perm))
         return kernels.linear(x, self.weight_permuted(x.dtype), self.perm, self.bias)
 

@@ -222,20 +222,22 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int] | f
         n, sent, stopped, steps = 1, 0, False, 0
         eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
 
+        def upto_eos(a: int, b: int) -> list[int]:
+            """Sequence 0's tokens a..b-1, up to and including its first eos among them."""
+            new = out[0, a:b].tolist()
+            cut = next((i for i, t in enumerate(new) if t in eos), None)
+            return new if cut is None else new[:cut + 1]
+
         def finished() -> bool:
             """Whether every sequence has an eos or `stop` ends it; hands the streamer its new
             tokens (a sync point)."""
             nonlocal sent, n, stopped
             if stop is not None and not stopped:
-                new = out[0, :n].tolist()
-                cut = next((i for i, t in enumerate(new) if t in eos), None)
-                keep = stop(new if cut is None else new[:cut + 1])
+                keep = stop(upto_eos(0, n))
                 if keep is not None:
                     n, stopped = min(n, max(int(keep), 1)), True  # out[:, :n] is what is returned
             if streamer is not None and sent < n:
-                new = out[0, sent:n].tolist()
-                cut = next((i for i, t in enumerate(new) if t in eos), None)
-                streamer.put(torch.tensor(new if cut is None else new[:cut + 1]))
+                streamer.put(torch.tensor(upto_eos(sent, n)))
                 sent = n
             return stopped or (bool(eos) and bool(torch.isin(out[:, :n], eos_t).any(1).all()))
 

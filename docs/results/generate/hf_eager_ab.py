@@ -11,10 +11,11 @@ run. Each decode step's wall time is stamped by a stopping criterion; reported p
     mv /tmp/old/pt2llm /tmp/old/pt2llm_old
     PYTHONPATH=$PWD:/tmp/old python3 docs/results/generate/hf_eager_ab.py OUT.json [ROUNDS] [NEW_TOKENS]
 """
-import importlib, json, statistics, sys, time
+import contextlib, importlib, json, statistics, sys, time
 sys.path.insert(0, "benchmarks")
 import torch, e2e
 from transformers import StoppingCriteria, StoppingCriteriaList
+from pt2llm.nn import grouped
 
 out = sys.argv[1]
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
@@ -57,9 +58,6 @@ class Stamp(StoppingCriteria):
         self.t.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-
-import contextlib  # noqa: E402
-from pt2llm.nn import grouped  # noqa: E402
 
 runs = {name: (model, contextlib.nullcontext) for name, model in models.items()}
 runs["ternary, this tree, nn.grouped"] = (models["ternary, this tree"], lambda: grouped(models["ternary, this tree"]))
