@@ -81,6 +81,20 @@ def test_split_count_and_chunks_cover_every_key():
     assert _rel(ta.decode(q, k, v, None, 0.25), _exact(q, k, v, None, 0.25)) < 2e-3
 
 
+def test_each_launch_leaves_the_arrival_counters_at_zero(gen):
+    """The program that arrives last merges its (sequence, head)'s chunks and resets the count,
+    so launch after launch merges the right chunks; on CUDA, more (sequence, head) pairs than
+    the default counters hold get counters of their own."""
+    q, k, v = _inputs(2, 4, 2, 100, 32, gen)
+    for _ in range(2):
+        assert _rel(ta.decode(q, k, v, None, 0.2), _exact(q, k, v, None, 0.2)) < 2e-3
+        assert not ta._counters(q.device, 8).any()
+    if DEV == "cuda":
+        q, k, v = _inputs(300, 32, 8, 40, 32, gen)   # 9600 pairs: more than MAX_PROGRAMS
+        assert _rel(ta.decode(q, k, v, None, 0.2), _exact(q, k, v, None, 0.2)) < 2e-3
+        assert not ta._counters(q.device, 300 * 32).any()
+
+
 def test_all_masked_sequence_gives_zeros(gen):
     q, k, v = _inputs(2, 2, 2, 50, 64, gen)
     mask = torch.zeros(2, 1, 1, 50, dtype=torch.bool, device=DEV)

@@ -458,6 +458,38 @@ def test_a_remembered_launch_gives_what_a_fresh_launch_gives(monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("n,k", [(896, 4864), (576, 1536), (300, 1408)])
+def test_the_glu_input_is_the_silu_product_staged(n, k):
+    """Matmul(gate, up): the layer reads silu(gate) up, formed as the kernel stages its
+    activations (rounded to fp16 once), for every row count and split rule the kernel takes;
+    linear_glu gives that where the kernel takes the rows and the product, then linear,
+    elsewhere (beyond 16 rows, or gate and up of different strides)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(n + k)
+    L, w = _layer(n, k, gen, True)
+    tup = [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n)]
+    for m in (1, 2, 8, 9, 16):
+        g = (torch.randn(m, k, generator=gen) * 3).half().cuda()
+        u = torch.randn(m, k, generator=gen).half().cuda()
+        prod = (F.silu(g.float()) * u.float()).half()
+        ref = prod.double().cpu()[:, L["perm"].long().cpu()] @ w.T + L["bias"].double().cpu()
+        for splits in (None, 1, 3):
+            y = ct.prepare(g, tup, splits)(g, u)[0]
+            err = float((y.double().cpu() - ref).norm() / ref.norm())
+            assert err < 1e-3, (m, splits, err)
+            want = ct.matmul(prod, **L, n_out=n, splits=splits)  # the unfused launch, same splits
+            assert float((y.float() - want.float()).abs().max() / want.float().abs().max()) < 2e-3
+        got = tt.linear_glu(g, u, *tup[0], 128)
+        assert float((got.double().cpu() - ref).norm() / ref.norm()) < 1e-3
+    g = (torch.randn(40, k, generator=gen) * 3).half().cuda()
+    u = torch.randn(40, k, generator=gen).half().cuda()
+    wider = torch.randn(16, k + 64, generator=gen).half().cuda()[:, :k]  # rows of another stride
+    for a, b in ((g, u), (g[:16], wider)):
+        assert torch.equal(tt.linear_glu(a, b, *tup[0], 128), tt.linear(F.silu(a) * b, *tup[0], 128))
+
+
+@needs_cuda
 def test_a_bias_of_another_dtype_is_converted_at_every_call():
     """A float32 bias is converted for the kernel at each call (its copy is not remembered)."""
     gen = torch.Generator().manual_seed(8)

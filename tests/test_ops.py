@@ -165,6 +165,64 @@ def test_backend_groups_the_linears_that_read_one_input():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_glu_op_passes_torch_library_checks():
+    gen = torch.Generator().manual_seed(10)
+    mod = _layer(37, 300, gen)
+    g, u = (torch.randn(2, 300, generator=gen).half().to(DEV) for _ in range(2))
+    args = (g, u, *_args(mod, g)[1:])
+    torch.library.opcheck(torch.ops.pt2llm.ternary_linear_glu.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_backend_gives_a_down_projection_its_silu_product():
+    """fuse_glu: ternary_linear(silu(g) * u) becomes one ternary_linear_glu(g, u) call, with the
+    factors either way round; a product or a SiLU that feeds anything else, a product without a
+    SiLU and an in-place SiLU stay as they are. The compiled function gives the eager outputs (on
+    the CPU the op computes the product first, bit for bit; the CUDA kernel rounds it once)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(11)
+    gate, up = (_layer(300, 256, gen, bias=False) for _ in range(2))
+    down = _layer(40, 300, gen)
+
+    def lin(m, x):
+        return ops.ternary_linear(*_args(m, x))
+
+    def fn(x):
+        g, u = lin(gate, x), lin(up, x)
+        a = lin(down, F.silu(g) * u)               # fused
+        b = lin(down, u * F.silu(g))               # fused: the factors the other way round
+        s = F.silu(u)
+        c = lin(down, s * g) + s[:, :40]           # the SiLU feeds another op: kept
+        p = F.silu(g) * g
+        d = lin(down, p) + p[:, :40]               # the product feeds another op: kept
+        e = lin(down, g * u)                       # no SiLU: kept
+        return a, b, c, d, e
+
+    graphs = []
+
+    def spy(gm, inputs):
+        graphs.append((ops.group_linears(gm), ops.fuse_glu(gm), str(gm.graph)))
+        return gm.forward
+
+    x = torch.randn(3, 256, generator=gen).half().to(DEV)
+    ref = fn(x)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=spy, fullgraph=True)(x)
+    tol = 0 if DEV == "cpu" else 2e-3
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    (grouped, fused, graph), = graphs
+    assert (grouped, fused) == (1, 2)
+    assert graph.count("pt2llm.ternary_linear_glu.default") == 2
+    assert graph.count("pt2llm.ternary_linear.default") == 3  # c, d and e
+    # an in-place SiLU is left alone
+    for inplace, want in ((False, 1), (True, 0)):
+        gm = torch.fx.symbolic_trace(lambda g, u: lin(down, F.silu(g, inplace=inplace) * u))
+        assert ops.fuse_glu(gm) == want
+    torch._dynamo.reset()
+
+
 def test_backend_is_registered_and_hands_mode_and_options_to_inductor(monkeypatch):
     """torch.compile(backend="pt2llm", mode=...) calls ops.backend with mode / options; they reach
     Inductor as config patches, as they would without the grouping pass."""
@@ -195,11 +253,13 @@ def test_decode_attention_op_passes_torch_library_checks():
 
 
 @pytest.mark.skipif(not CUDA, reason="the compiled path uses the GPU kernels")
-def test_a_compiled_rotated_qwen2_runs_its_linears_in_groups(tmp_path):
-    """End to end through `pt2llm quantize --rotate hadamard` and `pt2llm.load` on a two-layer
-    Qwen2 of Qwen2.5-0.5B's widths (q/k/v biases, GQA, online Hadamards on o_proj and
+@pytest.mark.parametrize("rotate", ["hadamard", "none"])
+def test_a_compiled_qwen2_runs_its_linears_in_groups(tmp_path, rotate):
+    """End to end through `pt2llm quantize` and `pt2llm.load` on a two-layer Qwen2 of
+    Qwen2.5-0.5B's widths (q/k/v biases, GQA; rotated: online Hadamards on o_proj and
     down_proj): compiled with ops.backend, each layer's q/k/v and gate/up become one group
-    call, and one decoding position's logits match the eager model's."""
+    call, down_proj takes the SiLU product where no transform comes between (unrotated), and
+    one decoding position's logits match the eager model's."""
     from torch._dynamo.backends.registry import lookup_backend
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -214,12 +274,13 @@ def test_a_compiled_rotated_qwen2_runs_its_linears_in_groups(tmp_path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "float")
     tok.save_pretrained(tmp_path / "float")
     (tmp_path / "calib.txt").write_text(text(1))
-    quantize(tmp_path, tmp_path / "q", "--method", "rtn", "--rotate", "hadamard")
+    quantize(tmp_path, tmp_path / "q", "--method", "rtn", "--rotate", rotate)
     model, _ = pt2llm.load(tmp_path / "q", device="cuda")
-    made = []
+    made, fused = [], []
 
     def backend(gm, example_inputs):
         made.append(ops.group_linears(gm))
+        fused.append(ops.fuse_glu(gm))
         return lookup_backend("inductor")(gm, example_inputs)
 
     ids = torch.randint(3, len(tok), (1, 1), device="cuda")
@@ -228,4 +289,5 @@ def test_a_compiled_rotated_qwen2_runs_its_linears_in_groups(tmp_path):
         torch._dynamo.reset()
         got = torch.compile(model.forward, backend=backend, fullgraph=True)(input_ids=ids, use_cache=False).logits
     assert made == [4]  # two layers: q/k/v and gate/up each
+    assert fused == [0 if rotate == "hadamard" else 2]
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

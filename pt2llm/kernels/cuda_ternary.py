@@ -32,7 +32,9 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
   that could not fill the GPU alone share one launch and its split-K buffer;
 - before its first block a CTA stages, in shared memory, the activations of all its blocks
   (gathered through perm; rows m < M; the B fragment's column n is row m) and its rows'
-  (alpha, mu) pairs, so the loop over blocks has no barrier and no load but the codes'.
+  (alpha, mu) pairs, so the loop over blocks has no barrier and no load but the codes'. Given
+  a second input u (`Matmul(x2, up2)`: a gated MLP's down projection reading its gate's and
+  up's outputs), it stages silu(x) u instead, and no kernel before it has to form the product.
 
 Decoding: with d_i = code + 1 the digits of byte q, A_i = floor(3^(i+1) q / 256) = 3 A_(i-1)
 + d_i (pack.pack_trit_rows stores q = ceil(256 v / 243)). Multiplying the 16-bit half that
@@ -84,6 +86,13 @@ typedef unsigned char u8;
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 
+// silu(g) u, rounded to fp16 once (as Inductor's fused kernel computes it): the input of a
+// gated MLP's down projection, staged straight from the gate and up outputs when xu is given.
+__device__ __forceinline__ u16 glu(u16 g, u16 u) {
+  const float gv = h2f(g);  // e^80 < 2^126, where __fdividef stays exact to a few ulp
+  return f2h(__fdividef(gv, 1.f + __expf(fminf(-gv, 80.f))) * h2f(u));
+}
+
 __device__ __forceinline__ void ld_codes(const u8* p, u32* w) {  // 16 bytes, read once: no L1
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
@@ -119,6 +128,26 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
   return v;
 }
 
+// A CTA's activations for its blocks [b0, b0 + nblk) in shared memory, rows m < XR: x[m, perm[k]]
+// (zeros past K and M), or silu(x) xu where UP (one instance each, so that each loop unrolls
+// into batched loads).
+template <int XR, bool UP>
+__device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const u16* __restrict__ xu,
+                                      const void* __restrict__ perm, int perm32, int K, int M, int stride_xm,
+                                      int b0, int nblk, int per_split) {
+  #pragma unroll 4
+  for (int idx = threadIdx.x; idx < nblk * 128; idx += 32 * WARPS) {
+    const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
+    const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
+    #pragma unroll
+    for (int r = 0; r < XR; ++r) {
+      const long long at = (long long)r * stride_xm + col;
+      xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] =
+          (col >= 0 && r < M) ? (UP ? glu(x[at], xu[at]) : x[at]) : (u16)0;
+    }
+  }
+}
+
 // Digit decoding. A packed byte q (format 2) holds d_0..d_4 (d = code + 1) so that
 // A_i = floor(3^(i+1) q / 256) = 3 A_(i-1) + d_i: multiplying the 16-bit half holding q by 3
 // leaves A_i in its high byte (3^5 q < 2^16: no carry into the next half), and one byte
@@ -139,7 +168,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
     u16* __restrict__ out0, u16* __restrict__ out1, u16* __restrict__ out2,
     float* __restrict__ part, int* __restrict__ counters,
     int M, int N0, int N1, int N2, int K, int NB, int stride_xm, int per_split, int splits, int perm32,
-    int bias_mask, int tiles0, int tiles01) {
+    int bias_mask, int tiles0, int tiles01, const u16* __restrict__ xu) {
   constexpr int XR = M1 ? 1 : NT * 8;
   constexpr int THREADS = 32 * WARPS;
   extern __shared__ __align__(16) u32 smem[];
@@ -187,19 +216,10 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   };
   fetch(b0);
 
-  // stage the activations x[m, perm[k]] of every block (zeros past K and M) ...
-  {
-    u16* xh = (u16*)xs;
-    #pragma unroll 4
-    for (int idx = threadIdx.x; idx < nblk * 128; idx += THREADS) {
-      const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
-      const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
-      #pragma unroll
-      for (int r = 0; r < XR; ++r)
-        xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] =
-            (col >= 0 && r < M) ? x[(long long)r * stride_xm + col] : (u16)0;
-    }
-  }
+  // stage the activations x[m, perm[k]] of every block (zeros past K and M), or silu(x) xu
+  // where xu is given ...
+  if (xu) stage<XR, true>((u16*)xs, x, xu, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
+  else stage<XR, false>((u16*)xs, x, xu, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
   // ... and the (alpha, mu) of the CTA's rows at its blocks (rows past N: row N - 1, never stored)
   #pragma unroll 4
   for (int idx = threadIdx.x; idx < nblk * ROWS; idx += THREADS) {
@@ -748,6 +768,7 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
 _X_SLOT = 0
 _OUT_SLOT = 1 + 5 * MAX_GROUP   # out0..out2
 _PART_SLOT = _OUT_SLOT + MAX_GROUP
+_XU_SLOT = -1                   # the last: the up projection's output where x is a gate's (glu)
 
 
 class Matmul:
@@ -760,10 +781,14 @@ class Matmul:
     def __init__(self, launcher: Launcher, m: int, n_outs: list[int], part_shape, device: torch.device):
         self.launcher, self.m, self.n_outs, self.part_shape, self.device = launcher, m, n_outs, part_shape, device
 
-    def __call__(self, x2: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x2: torch.Tensor, up2: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """up2: when given (of x2's shape and strides), the layers read silu(x2) up2 instead of
+        x2 (a gated MLP's down projection, x2 the gate's output), computed as the kernel stages
+        its activations."""
         outs = [torch.empty((self.m, n), device=self.device, dtype=torch.float16) for n in self.n_outs]
         values = self.launcher.values
         values[_X_SLOT] = x2.data_ptr()
+        values[_XU_SLOT] = 0 if up2 is None else up2.data_ptr()
         last = len(outs) - 1
         for i in range(MAX_GROUP):  # unused slots repeat the last layer's (never written: no tiles)
             values[_OUT_SLOT + i] = outs[min(i, last)].data_ptr()
@@ -810,7 +835,8 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     ends = [sum(tiles[:1]), sum(tiles[:2])]
     grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
     outs_part = [0] * (MAX_GROUP + 1)  # out0..2 and the partial sums: written at each call
-    args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends]
+    args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends,
+            0]  # xu: written at each call
     part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
     return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1), M, n_outs, part_shape, x2.device)
 

@@ -1,12 +1,14 @@
 """The GPU forward paths as torch custom ops, for torch.compile, and a compile backend that
-groups the ternary linears reading one input into one launch.
+groups the ternary linears reading one input into one launch and gives a gated MLP's down
+projection its SiLU product.
 
 Under torch.compile, TernaryLinear and the online Hadamard call these ops instead of their
 Python launchers (which dynamo cannot trace: NVRTC launches, Python-side caches). The
 compiler sees one opaque op with a known output shape and fuses what lies around it (norms,
-rotary embedding, the SiLU product, attention glue); eager calls keep the plain launchers.
+rotary embedding, attention glue); eager calls keep the plain launchers.
 
     torch.ops.pt2llm.ternary_linear(x, packed, alpha, mu, perm, bias, n_out, block_size)
+    torch.ops.pt2llm.ternary_linear_glu(gate, up, packed, alpha, mu, perm, bias, n_out, block_size)
     torch.ops.pt2llm.ternary_linear_group(x, [packed], [alpha], [mu], [perm], [bias], [n_out], block_size)
     torch.ops.pt2llm.hadamard_input(x, signs)
     torch.ops.pt2llm.decode_attention(query, key, value, mask, scale)
@@ -15,7 +17,9 @@ rotary embedding, the SiLU product, attention glue); eager calls keep the plain 
 Inductor: ternary_linear calls on the same input (a decoder layer's q/k/v, its gate/up) become
 one ternary_linear_group call, which at decode sizes is one CUDA launch
 (triton_ternary.linear_group). At M = 1 a 7B layer's q, k and v are each too short to fill
-the GPU on their own (docs/results/e2e.md).
+the GPU on their own (docs/results/e2e.md). Then a ternary_linear call on silu(a) * b (a gated
+MLP's down projection) becomes ternary_linear_glu(a, b), which at decode sizes forms the
+product as the CUDA kernel stages its activations: one kernel fewer a layer (`fuse_glu`).
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads the type hints
 # to make each op's schema, and older torch (2.4) does not evaluate string annotations.
@@ -38,6 +42,21 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, m
 @ternary_linear.register_fake
 def _(x, packed, alpha, mu, perm, bias, n_out, block_size):
     return x.new_empty(*x.shape[:-1], n_out)
+
+
+@torch.library.custom_op("pt2llm::ternary_linear_glu", mutates_args=())
+def ternary_linear_glu(gate: torch.Tensor, up: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
+                       mu: torch.Tensor, perm: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
+                       block_size: int) -> torch.Tensor:
+    """ternary_linear(silu(gate) * up, ...) as one op (triton_ternary.linear_glu): at decode
+    sizes the CUDA kernel forms the product as it reads its activations."""
+    from .triton_ternary import linear_glu
+    return linear_glu(gate, up, packed, alpha, mu, perm, bias, n_out, block_size)
+
+
+@ternary_linear_glu.register_fake
+def _(gate, up, packed, alpha, mu, perm, bias, n_out, block_size):
+    return gate.new_empty(*gate.shape[:-1], n_out)
 
 
 @torch.library.custom_op("pt2llm::hadamard_input", mutates_args=())
@@ -119,6 +138,45 @@ def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
     return made
 
 
+_SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default)
+_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+
+
+def fuse_glu(gm: "torch.fx.GraphModule") -> int:
+    """Replace ternary_linear(silu(a) * b, ...) (a gated MLP's down projection, a and b its
+    gate and up outputs) by ternary_linear_glu(a, b, ...) where the product and the SiLU feed
+    nothing else; returns how many calls were replaced."""
+    single = torch.ops.pt2llm.ternary_linear.default
+    made = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target is single and len(node.args) == 8 and not node.kwargs):
+            continue
+        prod = node.args[0]
+        if not (isinstance(prod, torch.fx.Node) and prod.op == "call_function" and prod.target in _MUL
+                and len(prod.args) == 2 and not prod.kwargs and len(prod.users) == 1):
+            continue
+        for act, other in (prod.args, prod.args[::-1]):
+            if (isinstance(act, torch.fx.Node) and isinstance(other, torch.fx.Node) and act.op == "call_function"
+                    and act.target in _SILU and len(act.args) == 1 and not act.kwargs.get("inplace", False)
+                    and len(act.users) == 1):
+                break
+        else:
+            continue
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(torch.ops.pt2llm.ternary_linear_glu.default,
+                                           (act.args[0], other, *node.args[1:]))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(prod)
+        gm.graph.erase_node(act)
+        made += 1
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
+
+
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor", mode: Optional[str] = None,
             options: Optional[dict] = None):
     """A torch.compile backend: group_linears, then `inner` (Inductor by default). torch.compile's
@@ -127,6 +185,7 @@ def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor",
     transformers, generate(..., cache_implementation="static",
     compile_config=CompileConfig(backend="pt2llm"))."""
     group_linears(gm)
+    fuse_glu(gm)
     from torch._dynamo.backends.registry import lookup_backend
     compiler = lookup_backend(inner)
     if inner == "inductor" and (mode or options):

@@ -8,20 +8,25 @@ forward, built for many queries) took 10 µs a layer: one CTA a head walks every
 (docs/results/e2e.md, the decode profile). Here the keys of each (sequence, head) are cut
 into chunks, one program a chunk (one tile of BLOCK_N keys where the chunk count allows):
 
-  - `_split_kernel`: program (b h, s) loads the query (times the softmax scale), walks its
-    chunk in tiles of BLOCK_N keys, masks the keys the mask excludes (their K and V rows are
-    not loaded at all, so the unused tail of a static cache costs nothing but its mask), and
-    keeps the online-softmax state: the running max m, the sum l of exp(score - m), and
-    acc = sum exp(score - m) v. It stores (acc, m, l) in fp32;
-  - `_combine_kernel`: program (b h) merges the chunks, out = sum_s e^(m_s - M) acc_s /
-    sum_s e^(m_s - M) l_s with M the largest m_s, and stores out in the query's dtype.
+  program (b h, s) loads the query (times the softmax scale), walks its chunk in tiles of
+  BLOCK_N keys, masks the keys the mask excludes (their K and V rows are not loaded at all,
+  so the unused tail of a static cache costs nothing but its mask), and keeps the
+  online-softmax state: the running max m, the sum l of exp(score - m), and
+  acc = sum exp(score - m) v. It stores (acc, m, l) in fp32 and counts itself in (b h)'s
+  arrival counter;
+  the program that arrives last for its (b h) merges the chunks, out = sum_s e^(m_s - M) acc_s /
+  sum_s e^(m_s - M) l_s with M the largest m_s, stores out in the query's dtype and sets the
+  counter back to 0. So one launch does what took a second kernel before (the merge), which
+  saved XXX (docs/results/e2e.md).
 
-Both run on fp32 scores and sums. Grouped-query attention reads kv head h // (H / Hkv). The
+It runs on fp32 scores and sums. Grouped-query attention reads kv head h // (H / Hkv). The
 mask is what transformers passes to an attention function: None (every key), bool (True:
 attend) or additive (0 or -inf, as the eager path adds it), broadcastable to [B, H, 1, L]. A
 sequence whose keys are all masked gets zeros (SDPA gives NaN there).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -37,10 +42,10 @@ MAX_PROGRAMS = 8192  # (sequence, head, chunk) programs at most, bounding the pa
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, scale, L, H, G,
-                  sqb, sqh, skb, skh, skl, svb, svh, svl, smb, smh, sml,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                  MASK: tl.constexpr):
+def _decode_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, cnt_ptr, o_ptr, scale, L, H, G,
+                   sqb, sqh, skb, skh, skl, svb, svh, svl, smb, smh, sml, sob, soh,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   MASK: tl.constexpr, SP: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -84,28 +89,25 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, scale, L, H, G,
     tl.store(row + d, acc)
     tl.store(row + DP, m_i)
     tl.store(row + DP + 1, l_i)
-
-
-@triton.jit
-def _combine_kernel(part_ptr, o_ptr, H, sob, soh, SPLITS: tl.constexpr, SP: tl.constexpr,
-                    D: tl.constexpr, DP: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh - b * H
-    s = tl.arange(0, SP)
-    d = tl.arange(0, DP)
-    live = s < SPLITS
-    base = part_ptr + (bh * SPLITS + s) * (DP + 2)
-    m = tl.load(base + DP, mask=live, other=float("-inf"))
-    l = tl.load(base + DP + 1, mask=live, other=0.0)
-    big = tl.max(m, axis=0)
-    big = tl.where(big == float("-inf"), 0.0, big)
-    w = tl.exp(m - big)                                      # 0 for chunks with no key
-    acc = tl.load(base[:, None] + d[None, :], mask=live[:, None], other=0.0)
-    num = tl.sum(w[:, None] * acc, axis=0)
-    den = tl.sum(w * l, axis=0)
-    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-    tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+    # every thread's stores issued before the count (a release at GPU scope); the program
+    # that counts last reads all chunks' (an acquire), from L2
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+    if ticket == splits - 1:
+        sp = tl.arange(0, SP)
+        live = sp < splits
+        base = part_ptr + (bh * splits + sp) * (DP + 2)
+        m = tl.load(base + DP, mask=live, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(base + DP + 1, mask=live, other=0.0, cache_modifier=".cg")
+        big = tl.max(m, axis=0)
+        big = tl.where(big == float("-inf"), 0.0, big)
+        w = tl.exp(m - big)                                      # 0 for chunks with no key
+        parts = tl.load(base[:, None] + d[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
+        num = tl.sum(w[:, None] * parts, axis=0)
+        den = tl.sum(w * l, axis=0)
+        out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        tl.store(o_ptr + b * sob + h * soh + d, out.to(o_ptr.dtype.element_ty), mask=dm)
+        tl.atomic_xchg(cnt_ptr + bh, 0, sem="relaxed", scope="gpu")   # ready for the next launch
 
 
 def split_count(bh: int, length: int) -> int:
@@ -154,11 +156,27 @@ def decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         mptr, ms = mask, (mb, mh, mask.stride(3))
     part = torch.empty(B * H * splits * (DP + 2), dtype=torch.float32, device=query.device)
     out = torch.empty(B, 1, H, D, dtype=query.dtype, device=query.device)
-    _split_kernel[(B * H, splits)](
-        query, key, value, mptr, part, float(scale), L, H, H // Hkv,
+    _decode_kernel[(B * H, splits)](
+        query, key, value, mptr, part, _counters(query.device, B * H), out, float(scale), L, H, H // Hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), *ms,
-        CHUNK=chunk, BLOCK=BLOCK_N, D=D, DP=DP, MASK=kind, num_warps=WARPS)
-    _combine_kernel[(B * H,)](part, out, H, out.stride(0), out.stride(2), SPLITS=splits,
-                              SP=triton.next_power_of_2(splits), D=D, DP=DP, num_warps=4)  # not swept
+        value.stride(0), value.stride(1), value.stride(2), *ms, out.stride(0), out.stride(2),
+        CHUNK=chunk, BLOCK=BLOCK_N, D=D, DP=DP, MASK=kind, SP=triton.next_power_of_2(splits), num_warps=WARPS)
     return out
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n (sequence, head) arrival counters for the device's current stream (decode
+    launches on one stream run one after another; each leaves them at 0). Made once per
+    device, stream and size, outside any CUDA-graph pool (kernels.lasting)."""
+    size = max(MAX_PROGRAMS, triton.next_power_of_2(n))
+    if device.type != "cuda":
+        return _counters_on("cpu", 0, 0, size)
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    return _counters_on("cuda", dev, torch.cuda.current_stream(dev).cuda_stream, size)
+
+
+@functools.cache
+def _counters_on(kind: str, index: int, stream: int, size: int) -> torch.Tensor:
+    from . import lasting
+    dev = torch.device(kind, index) if kind == "cuda" else torch.device(kind)
+    return lasting.make(lambda: torch.zeros(size, dtype=torch.int32, device=dev), dev)

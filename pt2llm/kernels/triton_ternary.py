@@ -488,6 +488,21 @@ def linear_group(x: torch.Tensor, layers, block_size: int) -> list[torch.Tensor]
     return [linear(x, *layer, block_size) for layer in layers]
 
 
+def linear_glu(gate: torch.Tensor, up: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int,
+               block_size: int) -> torch.Tensor:
+    """linear(silu(gate) * up, ...): a gated MLP's down projection on its gate and up outputs.
+    Where the CUDA kernel takes the rows (as `linear` would for the product), it computes the
+    product as it stages its activations, so no kernel writes it first (silu(g) u in float32,
+    rounded to the activations' fp16 once, as Inductor's fused SiLU product does); else the
+    product, then `linear`."""
+    g2, u2 = _rows(gate), _rows(up)
+    if g2.shape == u2.shape and g2.stride() == u2.stride() and g2.dtype == u2.dtype:
+        launch = _mma_launch(g2, [(packed, alpha, mu, perm, bias, n_out)], block_size)
+        if launch is not None:
+            return launch(g2, u2)[0].reshape(*gate.shape[:-1], n_out)
+    return linear(torch.nn.functional.silu(gate) * up, packed, alpha, mu, perm, bias, n_out, block_size)
+
+
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm=None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
