@@ -490,6 +490,47 @@ def test_the_glu_input_is_the_silu_product_staged(n, k):
 
 
 @needs_cuda
+@pytest.mark.parametrize("shapes,k", [([(896, True), (128, True), (128, True)], 896),   # Qwen2.5-0.5B q/k/v
+                                      ([(4864, False), (4864, False)], 896),             # its gate/up
+                                      ([(1000, True)], 4096)])
+def test_the_rms_norm_and_residual_add_are_staged(shapes, k):
+    """Matmul(res, norm=(delta, weight, eps)): the layers read transformers' RMSNorm of
+    h = res + delta (or res), formed as each CTA stages its activations; h comes back after
+    the outputs, exactly res + delta. Against the launch on the norm computed first, for each
+    split rule; linear_norm gives the same, and its fallback (two rows) the norm, then the layers."""
+    gen = torch.Generator().manual_seed(k + len(shapes))
+    tup = [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n)
+           for L, n in ((_layer(n, k, gen, bias)[0], n) for n, bias in shapes)]
+    weight = (torch.rand(k, generator=gen) * 2 + 0.1).half().cuda()
+    for delta_on in (True, False):
+        res = (torch.randn(1, k, generator=gen) * 4 + 1).half().cuda()
+        delta = torch.randn(1, k, generator=gen).half().cuda() if delta_on else None
+        h = res + delta if delta_on else res
+        x = tt.rms_norm(h, weight, 1e-6)
+        for splits in (None, 1, 3):
+            got = ct.prepare(res, tup, splits)(res, None, (delta, weight, 1e-6))
+            want = ct.prepare(x, tup, splits)(x)
+            assert len(got) == len(tup) + delta_on
+            if delta_on:
+                assert torch.equal(got[-1], h)
+            for y, w in zip(got, want):
+                err = float((y.float() - w.float()).norm() / w.float().norm())
+                assert err < 2e-3, (splits, err)
+        fused = tt.linear_norm(res[None], delta if delta is None else delta[None], weight, 1e-6, tup, 128)
+        assert len(fused) == len(tup) + delta_on and fused[0].shape == (1, 1, tup[0][5])
+        for y, w in zip(fused, ct.prepare(res, tup)(res, None, (delta, weight, 1e-6))):
+            assert torch.equal(y.reshape(w.shape), w)
+    res2, delta2 = (torch.randn(2, k, generator=gen).half().cuda() for _ in range(2))
+    h2 = res2 + delta2
+    outs = tt.linear_norm(res2, delta2, weight, 1e-6, tup, 128)
+    assert torch.equal(outs[-1], h2)
+    want = tt.linear_group(tt.rms_norm(h2, weight, 1e-6), tup, 128) if len(tup) > 1 else \
+        [tt.linear(tt.rms_norm(h2, weight, 1e-6), *tup[0], 128)]
+    for y, w in zip(outs, want):
+        assert torch.equal(y, w)
+
+
+@needs_cuda
 def test_a_bias_of_another_dtype_is_converted_at_every_call():
     """A float32 bias is converted for the kernel at each call (its copy is not remembered)."""
     gen = torch.Generator().manual_seed(8)

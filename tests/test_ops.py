@@ -223,6 +223,69 @@ def test_backend_gives_a_down_projection_its_silu_product():
     torch._dynamo.reset()
 
 
+def test_backend_gives_the_linears_after_an_rms_norm_the_norm_and_the_residual_add():
+    """fuse_norm: q/k/v-like calls on transformers' RMSNorm (the Llama module itself) of
+    h = res + delta become one ternary_linear_norm(res, delta, ...) call that also gives h to
+    h's later readers; a norm of the model's input (no add) is fused without one; a norm with
+    another reader, or of more than one row, is not. The compiled function gives
+    the eager outputs (on the CPU bit for bit: the op's norm is the module's arithmetic)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (_layer(n, 256, gen, bias=n != 13) for n in (40, 13, 13))
+    o = _layer(256, 40, gen)
+    norm = LlamaRMSNorm(256, eps=1e-5).to(DEV).half()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256, generator=gen) + 0.5)
+
+    def lin(m, x):
+        return ops.ternary_linear(*_args(m, x))
+
+    def fn(res, delta):
+        x = norm(res)                       # no add before it: fused without one
+        a = lin(o, lin(q, x))
+        h = res + delta + a                 # the first add is not the norm's input
+        y = norm(h)
+        qq, kk, vv = lin(q, y), lin(k, y), lin(v, y)
+        h2 = h + lin(o, qq)
+        z = norm(h2)
+        return qq, kk, vv, h2 * 2, lin(k, z) + z[..., :13]   # z has another reader: kept
+
+    graphs = []
+
+    def spy(gm, inputs):
+        graphs.append((ops.group_linears(gm), ops.fuse_norm(gm), str(gm.graph)))
+        return gm.forward
+
+    for rows, dtype, want in ((1, torch.float16, 2), (2, torch.float16, 0)):
+        res = torch.randn(1, rows, 256, generator=gen).to(DEV, dtype)
+        delta = torch.randn(1, rows, 256, generator=gen).to(DEV, dtype)
+        with torch.no_grad():
+            ref = fn(res, delta)
+            torch._dynamo.reset()
+            graphs.clear()
+            out = torch.compile(fn, backend=spy, fullgraph=True)(res, delta)
+        tol = 0 if DEV == "cpu" else 2e-3
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        (grouped, fused, graph), = graphs
+        assert (grouped, fused) == (1, want), rows
+        assert graph.count("pt2llm.ternary_linear_norm.default") == want
+    torch._dynamo.reset()
+
+
+def test_norm_op_passes_torch_library_checks():
+    gen = torch.Generator().manual_seed(13)
+    mods = [_layer(n, 256, gen, bias=b) for n, b in ((40, True), (13, False))]
+    res, delta = (torch.randn(1, 256, generator=gen).half().to(DEV) for _ in range(2))
+    weight = (torch.rand(256, generator=gen) + 0.5).half().to(DEV)
+    lists = [[getattr(m, a) for m in mods] for a in ("packed", "alpha", "mu", "perm", "bias")]
+    for d in (delta, None):
+        torch.library.opcheck(torch.ops.pt2llm.ternary_linear_norm.default,
+                              (res, d, weight, 1e-5, *lists, [m.out_features for m in mods], 128),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 def test_backend_is_registered_and_hands_mode_and_options_to_inductor(monkeypatch):
     """torch.compile(backend="pt2llm", mode=...) calls ops.backend with mode / options; they reach
     Inductor as config patches, as they would without the grouping pass."""
@@ -258,8 +321,9 @@ def test_a_compiled_qwen2_runs_its_linears_in_groups(tmp_path, rotate):
     """End to end through `pt2llm quantize` and `pt2llm.load` on a two-layer Qwen2 of
     Qwen2.5-0.5B's widths (q/k/v biases, GQA; rotated: online Hadamards on o_proj and
     down_proj): compiled with ops.backend, each layer's q/k/v and gate/up become one group
-    call, down_proj takes the SiLU product where no transform comes between (unrotated), and
-    one decoding position's logits match the eager model's."""
+    call that takes its RMSNorm (and the residual add before it), down_proj takes the SiLU
+    product where no transform comes between (unrotated), and one decoding position's logits
+    match the eager model's."""
     from torch._dynamo.backends.registry import lookup_backend
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -276,11 +340,12 @@ def test_a_compiled_qwen2_runs_its_linears_in_groups(tmp_path, rotate):
     (tmp_path / "calib.txt").write_text(text(1))
     quantize(tmp_path, tmp_path / "q", "--method", "rtn", "--rotate", rotate)
     model, _ = pt2llm.load(tmp_path / "q", device="cuda")
-    made, fused = [], []
+    made, fused, normed = [], [], []
 
     def backend(gm, example_inputs):
         made.append(ops.group_linears(gm))
         fused.append(ops.fuse_glu(gm))
+        normed.append(ops.fuse_norm(gm))
         return lookup_backend("inductor")(gm, example_inputs)
 
     ids = torch.randint(3, len(tok), (1, 1), device="cuda")
@@ -290,4 +355,5 @@ def test_a_compiled_qwen2_runs_its_linears_in_groups(tmp_path, rotate):
         got = torch.compile(model.forward, backend=backend, fullgraph=True)(input_ids=ids, use_cache=False).logits
     assert made == [4]  # two layers: q/k/v and gate/up each
     assert fused == [0 if rotate == "hadamard" else 2]
+    assert normed == [4]  # each layer's two norms (and the residual add before all but the first)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

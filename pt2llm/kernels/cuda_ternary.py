@@ -56,6 +56,7 @@ import ctypes
 import functools
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -128,11 +129,14 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
   return v;
 }
 
-// A CTA's activations for its blocks [b0, b0 + nblk) in shared memory, rows m < XR: x[m, perm[k]]
-// (zeros past K and M), or silu(x) xu where UP (one instance each, so that each loop unrolls
-// into batched loads).
-template <int XR, bool UP>
+// A CTA's activations for its blocks [b0, b0 + nblk) in shared memory, rows m < XR, zeros past
+// K and M: x[m, perm[k]] (MODE 0); silu(x) xu (1: a gated MLP's down projection); or the RMS
+// norm, nw (h rn) with h = x + xu (2) or x (3) and rn the row's 1 / rms (M = 1), rounded to
+// fp16 where transformers' RMSNorm rounds. One instance each, so that each loop unrolls into
+// batched loads.
+template <int XR, int MODE>
 __device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const u16* __restrict__ xu,
+                                      const u16* __restrict__ nw, float rn,
                                       const void* __restrict__ perm, int perm32, int K, int M, int stride_xm,
                                       int b0, int nblk, int per_split) {
   #pragma unroll 4
@@ -142,10 +146,57 @@ __device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const 
     #pragma unroll
     for (int r = 0; r < XR; ++r) {
       const long long at = (long long)r * stride_xm + col;
-      xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] =
-          (col >= 0 && r < M) ? (UP ? glu(x[at], xu[at]) : x[at]) : (u16)0;
+      u16 v = 0;
+      if (col >= 0 && r < M) {
+        if (MODE == 0) v = x[at];
+        else if (MODE == 1) v = glu(x[at], xu[at]);
+        else {
+          const u16 h = MODE == 2 ? f2h(h2f(x[at]) + h2f(xu[at])) : x[at];
+          v = f2h(h2f(nw[col]) * h2f(f2h(h2f(h) * rn)));
+        }
+      }
+      xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] = v;
     }
   }
+}
+
+// 1 / rms of h = x + xu (or x) over its K entries (row 0: M = 1), as every thread of the CTA
+// gets it; the CTA at grid (0, 0) also stores h to hout when given (the residual stream the
+// model goes on with). x, xu and hout 16-byte aligned, K a multiple of 8.
+__device__ __forceinline__ float inv_rms(const u16* __restrict__ x, const u16* __restrict__ xu, u16* __restrict__ hout,
+                                         int K, float eps) {
+  __shared__ float part[WARPS];
+  const bool writer = hout != nullptr && blockIdx.x == 0 && blockIdx.y == 0;
+  float ss = 0.f;
+  for (int k = threadIdx.x * 8; k < K; k += 32 * WARPS * 8) {
+    uint4 a = *(const uint4*)(x + k);
+    if (xu) {
+      const uint4 b = *(const uint4*)(xu + k);
+      u32* pa = (u32*)&a;
+      const u32* pb = (const u32*)&b;
+      #pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const u16 lo = f2h(h2f((u16)pa[q]) + h2f((u16)pb[q]));
+        const u16 hi = f2h(h2f((u16)(pa[q] >> 16)) + h2f((u16)(pb[q] >> 16)));
+        pa[q] = (u32)lo | ((u32)hi << 16);
+      }
+    }
+    const u32* pa = (const u32*)&a;
+    #pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float lo = h2f((u16)pa[q]), hi = h2f((u16)(pa[q] >> 16));
+      ss += lo * lo + hi * hi;
+    }
+    if (writer) *(uint4*)(hout + k) = a;
+  }
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float tot = 0.f;
+  #pragma unroll
+  for (int w = 0; w < WARPS; ++w) tot += part[w];
+  return rsqrtf(tot / (float)K + eps);
 }
 
 // Digit decoding. A packed byte q (format 2) holds d_0..d_4 (d = code + 1) so that
@@ -168,7 +219,8 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
     u16* __restrict__ out0, u16* __restrict__ out1, u16* __restrict__ out2,
     float* __restrict__ part, int* __restrict__ counters,
     int M, int N0, int N1, int N2, int K, int NB, int stride_xm, int per_split, int splits, int perm32,
-    int bias_mask, int tiles0, int tiles01, const u16* __restrict__ xu) {
+    int bias_mask, int tiles0, int tiles01, const u16* __restrict__ xu, const u16* __restrict__ nw, float eps,
+    u16* __restrict__ hout) {
   constexpr int XR = M1 ? 1 : NT * 8;
   constexpr int THREADS = 32 * WARPS;
   extern __shared__ __align__(16) u32 smem[];
@@ -216,10 +268,18 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   };
   fetch(b0);
 
-  // stage the activations x[m, perm[k]] of every block (zeros past K and M), or silu(x) xu
-  // where xu is given ...
-  if (xu) stage<XR, true>((u16*)xs, x, xu, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
-  else stage<XR, false>((u16*)xs, x, xu, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
+  // stage the activations of every block: x[m, perm[k]], silu(x) xu where xu is given, or
+  // the RMS norm of x (+ xu) where nw is (M = 1) ...
+  u16* xh = (u16*)xs;
+  if (nw) {
+    const float rn = inv_rms(x, xu, hout, K, eps);
+    if (xu) stage<XR, 2>(xh, x, xu, nw, rn, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
+    else stage<XR, 3>(xh, x, xu, nw, rn, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
+  } else if (xu) {
+    stage<XR, 1>(xh, x, xu, nw, 0.f, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
+  } else {
+    stage<XR, 0>(xh, x, xu, nw, 0.f, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
+  }
   // ... and the (alpha, mu) of the CTA's rows at its blocks (rows past N: row N - 1, never stored)
   #pragma unroll 4
   for (int idx = threadIdx.x; idx < nblk * ROWS; idx += THREADS) {
@@ -634,8 +694,24 @@ def _stream(device_index: int) -> int:
 
 def _arg_value(a) -> int:
     """A kernel argument's 8-byte slot as torch's launcher fills it: a tensor's device
-    pointer, a Python int as a C int (the low 4 bytes of a little-endian slot)."""
-    return a.data_ptr() if isinstance(a, torch.Tensor) else a & 0xFFFFFFFF
+    pointer, a Python int as a C int and a float as a C float (the low 4 bytes of a
+    little-endian slot)."""
+    if isinstance(a, torch.Tensor):
+        return a.data_ptr()
+    if isinstance(a, float):
+        return struct.unpack("<I", struct.pack("<f", a))[0]
+    return a & 0xFFFFFFFF
+
+
+def norm_supported(x2: torch.Tensor, delta2, weight) -> bool:
+    """Whether Matmul's RMS norm takes this row: one contiguous fp16 row x2 [1, K] (and delta2
+    alike), 16-byte aligned, and a contiguous fp16 weight of K entries."""
+    K = x2.shape[-1]
+    rows = [x2] + ([] if delta2 is None else [delta2])
+    return (x2.shape[0] == 1 and K % 8 == 0 and weight.dtype == torch.float16 and weight.is_contiguous()
+            and weight.numel() == K and weight.device == x2.device
+            and all(r.dtype == torch.float16 and r.shape == x2.shape and r.is_contiguous() and r.data_ptr() % 16 == 0
+                    for r in rows))
 
 
 class Launcher:
@@ -768,7 +844,10 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
 _X_SLOT = 0
 _OUT_SLOT = 1 + 5 * MAX_GROUP   # out0..out2
 _PART_SLOT = _OUT_SLOT + MAX_GROUP
-_XU_SLOT = -1                   # the last: the up projection's output where x is a gate's (glu)
+_XU_SLOT = -4                   # the up projection's output where x is a gate's (glu), or the
+_NW_SLOT = -3                   # residual's new part where x is the residual and nw the RMS
+_EPS_SLOT = -2                  # norm's weight (norm; eps its epsilon, hout x + xu)
+_HOUT_SLOT = -1
 
 
 class Matmul:
@@ -781,15 +860,31 @@ class Matmul:
     def __init__(self, launcher: Launcher, m: int, n_outs: list[int], part_shape, device: torch.device):
         self.launcher, self.m, self.n_outs, self.part_shape, self.device = launcher, m, n_outs, part_shape, device
 
-    def __call__(self, x2: torch.Tensor, up2: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def __call__(self, x2: torch.Tensor, up2: torch.Tensor | None = None, norm=None) -> list[torch.Tensor]:
         """up2: when given (of x2's shape and strides), the layers read silu(x2) up2 instead of
         x2 (a gated MLP's down projection, x2 the gate's output), computed as the kernel stages
-        its activations."""
+        its activations.
+        norm = (delta2 or None, weight, eps), one row (M = 1): the layers read transformers'
+        RMSNorm of h = x2 + delta2 (or x2), weight * fp16(h / rms(h)), with rms over the row
+        and eps added to the mean square; with delta2, h is returned after the outputs. x2,
+        delta2 contiguous and 16-byte aligned, weight [K] fp16 contiguous (`norm_supported`)."""
         outs = [torch.empty((self.m, n), device=self.device, dtype=torch.float16) for n in self.n_outs]
         values = self.launcher.values
         values[_X_SLOT] = x2.data_ptr()
-        values[_XU_SLOT] = 0 if up2 is None else up2.data_ptr()
-        last = len(outs) - 1
+        if norm is None:
+            values[_XU_SLOT] = 0 if up2 is None else up2.data_ptr()
+            values[_NW_SLOT] = values[_EPS_SLOT] = values[_HOUT_SLOT] = 0
+        else:
+            if self.m != 1 or up2 is not None:
+                raise ValueError("the CUDA kernel's RMS norm takes one row and no up projection")
+            delta2, weight, eps = norm
+            values[_XU_SLOT] = 0 if delta2 is None else delta2.data_ptr()
+            values[_NW_SLOT] = weight.data_ptr()
+            values[_EPS_SLOT] = _arg_value(float(eps))
+            if delta2 is not None:
+                outs.append(torch.empty_like(x2))
+            values[_HOUT_SLOT] = 0 if delta2 is None else outs[-1].data_ptr()
+        last = len(self.n_outs) - 1
         for i in range(MAX_GROUP):  # unused slots repeat the last layer's (never written: no tiles)
             values[_OUT_SLOT + i] = outs[min(i, last)].data_ptr()
         if self.part_shape is not None:
@@ -836,7 +931,7 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     grid, block = (sum(tiles), splits, 1), (32 * settings["warps"], 1, 1)
     outs_part = [0] * (MAX_GROUP + 1)  # out0..2 and the partial sums: written at each call
     args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends,
-            0]  # xu: written at each call
+            0, 0, 0, 0]  # xu, nw, eps, hout: written at each call
     part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
     return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1), M, n_outs, part_shape, x2.device)
 

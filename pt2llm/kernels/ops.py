@@ -59,6 +59,24 @@ def _(gate, up, packed, alpha, mu, perm, bias, n_out, block_size):
     return gate.new_empty(*gate.shape[:-1], n_out)
 
 
+@torch.library.custom_op("pt2llm::ternary_linear_norm", mutates_args=())
+def ternary_linear_norm(res: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                        packed: List[torch.Tensor], alpha: List[torch.Tensor], mu: List[torch.Tensor],
+                        perm: List[torch.Tensor], bias: List[Optional[torch.Tensor]], n_out: List[int],
+                        block_size: int) -> List[torch.Tensor]:
+    """The layers on transformers' RMSNorm of h = res + delta (or res), then h where delta is
+    given (triton_ternary.linear_norm): at one row the CUDA kernel forms the norm (and the
+    residual add) as it stages its activations."""
+    from .triton_ternary import linear_norm
+    return linear_norm(res, delta, weight, eps, list(zip(packed, alpha, mu, perm, bias, n_out)), block_size)
+
+
+@ternary_linear_norm.register_fake
+def _(res, delta, weight, eps, packed, alpha, mu, perm, bias, n_out, block_size):
+    outs = [res.new_empty(*res.shape[:-1], n) for n in n_out]
+    return outs + ([] if delta is None else [torch.empty_like(res)])
+
+
 @torch.library.custom_op("pt2llm::hadamard_input", mutates_args=())
 def hadamard_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """x diag(signs) K_n as one op: rotate.online.hadamard_input_eager (the Triton kernel where
@@ -177,6 +195,105 @@ def fuse_glu(gm: "torch.fx.GraphModule") -> int:
     return made
 
 
+def _call(node, kind: str, targets) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == kind and node.target in targets
+
+
+def _example(node):
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+
+
+def _rms_norm_chain(y):
+    """(h, weight, eps, the chain's nodes from y back) where y is transformers' RMSNorm of h as
+    dynamo captures it (Llama, Qwen2: h.to(float32); pow 2; mean(-1, keepdim); + eps; rsqrt;
+    times h; .to(fp16); weight times that), each node used only by the next; else None."""
+    if not (_call(y, "call_function", _MUL) and len(y.args) == 2 and not y.kwargs and len(y.users) == 1):
+        return None
+    for weight, t in (y.args, y.args[::-1]):
+        if _call(t, "call_method", ("to",)) and len(t.users) == 1:
+            break
+    else:
+        return None
+    dtype = t.args[1] if len(t.args) == 2 else t.kwargs.get("dtype")
+    hs = t.args[0]
+    if dtype is not torch.float16 or not isinstance(weight, torch.fx.Node):
+        return None
+    if not (_call(hs, "call_function", _MUL) and len(hs.args) == 2 and len(hs.users) == 1):
+        return None
+    for f, r in (hs.args, hs.args[::-1]):
+        if _call(r, "call_function", (torch.rsqrt,)) and len(r.users) == 1:
+            break
+    else:
+        return None
+    a = r.args[0]
+    if not (_call(a, "call_function", (operator.add, torch.add)) and len(a.users) == 1 and isinstance(a.args[1], float)):
+        return None
+    v = a.args[0]
+    if not (_call(v, "call_method", ("mean",)) and len(v.users) == 1 and tuple(v.args[1:]) == (-1,)
+            and v.kwargs == {"keepdim": True}):
+        return None
+    p = v.args[0]
+    if not (_call(p, "call_method", ("pow",)) and len(p.users) == 1 and p.args[1:] == (2,) and p.args[0] is f):
+        return None
+    if not (_call(f, "call_method", ("to",)) and f.args[1:] == (torch.float32,) and not f.kwargs
+            and set(f.users) == {p, hs}):
+        return None
+    return f.args[0], weight, a.args[1], [y, t, hs, r, a, v, p, f]
+
+
+def fuse_norm(gm: "torch.fx.GraphModule") -> int:
+    """Replace a ternary_linear or ternary_linear_group call on transformers' RMSNorm of one
+    fp16 row (decode at batch 1) by one ternary_linear_norm call, which takes the residual
+    add before the norm as well where the norm reads one (h = a + b, h's other readers after
+    the call); returns how many calls were replaced."""
+    single = torch.ops.pt2llm.ternary_linear.default
+    group = torch.ops.pt2llm.ternary_linear_group.default
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    made = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target in (single, group) and len(node.args) == 8
+                and not node.kwargs):
+            continue
+        chain = _rms_norm_chain(node.args[0])
+        if chain is None:
+            continue
+        h, weight, eps, nodes = chain
+        hv, wv = _example(h), _example(weight)
+        if not (isinstance(hv, torch.Tensor) and isinstance(wv, torch.Tensor) and hv.dtype == torch.float16
+                and wv.dtype == torch.float16 and hv.numel() == hv.shape[-1] and tuple(wv.shape) == (hv.shape[-1],)):
+            continue
+        res, delta = h, None
+        if (_call(h, "call_function", (operator.add, torch.add)) and len(h.args) == 2 and not h.kwargs
+                and all(isinstance(_example(a), torch.Tensor) and _example(a).shape == hv.shape
+                        and _example(a).dtype == hv.dtype for a in h.args)
+                and all(order[u] > order[node] for u in h.users if u is not nodes[-1])):
+            res, delta = h.args
+        lists = node.args[1:7] if node.target is group else [[a] for a in node.args[1:7]]
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(torch.ops.pt2llm.ternary_linear_norm.default,
+                                           (res, delta, weight, eps, *lists, node.args[7]))
+            if node.target is single:
+                item = gm.graph.call_function(operator.getitem, (fused, 0))
+                item.meta.update(node.meta)
+                node.replace_all_uses_with(item)
+            else:
+                node.replace_all_uses_with(fused)
+            if delta is not None:
+                h_new = gm.graph.call_function(operator.getitem, (fused, len(lists[-1])))
+                h_new.meta.update(h.meta)
+        gm.graph.erase_node(node)
+        for n in nodes:
+            gm.graph.erase_node(n)
+        if delta is not None:
+            h.replace_all_uses_with(h_new)
+            gm.graph.erase_node(h)
+        made += 1
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
+
+
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor", mode: Optional[str] = None,
             options: Optional[dict] = None):
     """A torch.compile backend: group_linears, then `inner` (Inductor by default). torch.compile's
@@ -186,6 +303,7 @@ def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor",
     compile_config=CompileConfig(backend="pt2llm"))."""
     group_linears(gm)
     fuse_glu(gm)
+    fuse_norm(gm)
     from torch._dynamo.backends.registry import lookup_backend
     compiler = lookup_backend(inner)
     if inner == "inductor" and (mode or options):

@@ -503,6 +503,35 @@ def linear_glu(gate: torch.Tensor, up: torch.Tensor, packed, alpha, mu, perm, bi
     return linear(torch.nn.functional.silu(gate) * up, packed, alpha, mu, perm, bias, n_out, block_size)
 
 
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (Llama, Qwen2): weight * (h / sqrt(mean(h^2) + eps)), the mean
+    and the scaling in float32, rounded to h's dtype before the weight."""
+    f = h.float()
+    return weight * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def linear_norm(res: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, layers,
+                block_size: int) -> list[torch.Tensor]:
+    """The layers (as linear_group takes them) on rms_norm(h, weight, eps), h = res + delta (or
+    res): a decoder layer's residual add and norm before its q/k/v or gate/up. Returns their
+    outputs, then h where delta is given. For one row, where the CUDA kernel takes the layers
+    and the rows (cuda_ternary.norm_supported), each CTA forms the norm as it stages its
+    activations, and no kernel runs before it; else the norm, then linear_group."""
+    h2 = _rows(res)
+    d2 = None if delta is None else _rows(delta)
+    if h2.shape[0] == 1 and res.is_cuda and res.dtype == torch.float16:
+        from . import cuda_ternary
+        launch = _mma_launch(h2, layers, block_size)
+        if launch is not None and cuda_ternary.norm_supported(h2, d2, weight):
+            outs = launch(h2, None, (d2, weight, float(eps)))
+            lead = res.shape[:-1]
+            return [y.reshape(*lead, y.shape[-1]) for y in outs]
+    h = res if delta is None else res + delta
+    x = rms_norm(h, weight, eps)
+    outs = linear_group(x, layers, block_size) if len(layers) > 1 else [linear(x, *layers[0], block_size)]
+    return outs + ([] if delta is None else [h])
+
+
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
            path: str | None = None, inv_perm=None) -> torch.Tensor:
     """y = x[..., perm] @ W_stored^T + bias for TernaryLinear's buffers (format 2).
