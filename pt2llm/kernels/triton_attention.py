@@ -16,8 +16,8 @@ into chunks, one program a chunk (one tile of BLOCK_N keys where the chunk count
   arrival counter;
   the program that arrives last for its (b h) merges the chunks, out = sum_s e^(m_s - M) acc_s /
   sum_s e^(m_s - M) l_s with M the largest m_s, stores out in the query's dtype and sets the
-  counter back to 0. So one launch does what took a second kernel before (the merge), which
-  saved XXX (docs/results/e2e.md).
+  counter back to 0. So one launch does what took a second kernel before (the merge): 1.7 µs
+  a layer of a 7B-shape decode step (H100; about 30 µs a token end to end, docs/results/e2e.md).
 
 It runs on fp32 scores and sums. Grouped-query attention reads kv head h // (H / Hkv). The
 mask is what transformers passes to an attention function: None (every key), bool (True:

@@ -1,0 +1,40 @@
+"""One row of session 22's A/B (docs/results/e2e.md): the compiled ternary decode step of
+benchmarks/e2e.py's Llama-2-7B-shaped model, with the pt2llm package found on PYTHONPATH
+(so that an older tree can be timed in its own process). Prints one line, "AB {json}".
+
+    PYTHONPATH=$PWD python3 docs/results/e2e-fusion/ab.py TAG [--no-glu] [--no-norm] [--fp16] [--eager]
+
+--no-glu / --no-norm switch off that rewrite of ops.backend; --fp16 also times the fp16 model
+compiled, --eager the ternary model uncompiled. Run from the repository root on a GPU.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(1, os.path.join(os.getcwd(), "benchmarks"))
+import torch  # noqa: E402
+
+import e2e  # noqa: E402
+import pt2llm  # noqa: E402
+from pt2llm import speed  # noqa: E402
+from pt2llm.kernels import ops  # noqa: E402
+
+tag = sys.argv[1]
+if "--no-glu" in sys.argv:
+    ops.fuse_glu = lambda gm: 0
+if "--no-norm" in sys.argv:
+    ops.fuse_norm = lambda gm: 0
+torch.manual_seed(0)
+gen = torch.Generator(device="cuda").manual_seed(0)
+model = e2e.fp16_model(32)
+out = {"tag": tag, "pkg": pt2llm.__file__}
+if "--fp16" in sys.argv:
+    torch._dynamo.reset()
+    out["fp16c"] = speed.measure(model, 128, 256, 1, compile=True)["decode_tokens_per_s"]
+e2e.ternarize(model, gen)
+if "--eager" in sys.argv:
+    out["tern"] = speed.measure(model, 128, 256, 1)["decode_tokens_per_s"]
+torch._dynamo.reset()
+r = speed.measure(model, 128, 256, 1, compile=True)
+out["ternc"], out["ternc_ms"] = r["decode_tokens_per_s"], r["decode_ms_per_token"]
+print("AB", json.dumps(out), flush=True)
