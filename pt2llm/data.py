@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .speed import cache_arg
+
 CALIB_SETS = ("c4", "wikitext2", "ptb")
 EVAL_SETS = ("wikitext2", "c4", "ptb")
 
@@ -157,10 +159,11 @@ def synthetic_windows(model, tokenizer, nsamples: int, seqlen: int, seed: int, d
         nb = min(batch, nsamples - b0)
         ids = torch.randint(0, vocab, (nb, 1), generator=g)
         past = None
+        key = cache_arg(model)
         cur = ids
         seq = [ids]
         for _ in range(seqlen - 1):
-            o = model(input_ids=cur.to(device), past_key_values=past, use_cache=True)
+            o = model(input_ids=cur.to(device), **{key: past}, use_cache=True)
             past = o.past_key_values
             probs = torch.softmax(o.logits[:, -1].float().cpu(), dim=-1)
             cur = torch.multinomial(probs, 1, generator=g)

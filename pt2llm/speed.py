@@ -26,6 +26,17 @@ import torch
 from .sampling import GREEDY, Sampling, next_tokens
 
 
+def cache_arg(model) -> str:
+    """The name under which model.forward takes its KV cache: "cache" in transformers that
+    renamed it (5.24 warns on the old name, which 5.40 drops), else "past_key_values"."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def model_bytes(model) -> int:
     """Bytes of the model's parameters and buffers (tied tensors once)."""
     seen, n = set(), 0
@@ -73,6 +84,7 @@ class Decoder:
         else:
             self.forward = model.forward
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self._cache_arg = cache_arg(model)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=dev)  # True: attend
@@ -102,7 +114,7 @@ class Decoder:
         self.cache.reset()
         n = prompt.shape[1]
         pos = torch.arange(n, device=prompt.device)
-        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=pos,
+        out = self.model(input_ids=prompt, **{self._cache_arg: self.cache}, cache_position=pos,
                          position_ids=pos[None].expand(prompt.shape[0], -1), use_cache=True, logits_to_keep=1)
         if self.sampling.penalised:  # the prompt's tokens count as seen
             shape = (prompt.shape[0], out.logits.shape[-1])
@@ -118,7 +130,7 @@ class Decoder:
     @torch.no_grad()
     def _step(self) -> None:
         self.mask.index_fill_(-1, self.pos, True)
-        out = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+        out = self.forward(input_ids=self.ids, **{self._cache_arg: self.cache}, cache_position=self.pos,
                            position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
                            use_cache=True)
         self._choose(out.logits)

@@ -13,6 +13,7 @@ if not CUDA:
 triton = pytest.importorskip("triton")
 
 from pt2llm import attention  # noqa: E402
+from pt2llm.speed import cache_arg  # noqa: E402
 from pt2llm.kernels import triton_attention as ta  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -67,6 +68,20 @@ def test_decode_matches_softmax_attention(B, H, Hkv, L, D, kind, gen):
         tail = ~keep[:, None, :, None].to(DEV).expand_as(k2)
         k2[tail], v2[tail] = float("nan"), float("nan")
         assert torch.equal(ta.decode(q, k2, v2, mask, scale), out)
+
+
+def test_cache_arg_follows_the_forward_signature():
+    """speed.cache_arg: the KV cache's keyword as model.forward names it (transformers 5.24
+    renamed past_key_values to cache and warns on the old name)."""
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    assert cache_arg(Old()) == "past_key_values" and cache_arg(New()) == "cache"
 
 
 def test_split_count_and_chunks_cover_every_key():
@@ -139,13 +154,13 @@ def test_model_decode_with_pt2llm_attention_matches_sdpa(monkeypatch):
         cache = StaticCache(config=model.config, max_cache_len=max_len)
         ids = torch.arange(3, 3 + prompt_len, device=DEV)[None]
         pos = torch.arange(prompt_len, device=DEV)
-        out = model(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        out = model(input_ids=ids, **{cache_arg(model): cache}, cache_position=pos, use_cache=True)
         mask = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=DEV)
         mask[..., :prompt_len] = True
         tok, logits = out.logits[:, -1:].argmax(-1), []
         for p in range(prompt_len, prompt_len + steps):
             mask[..., p] = True
-            o = model(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([p], device=DEV),
+            o = model(input_ids=tok, **{cache_arg(model): cache}, cache_position=torch.tensor([p], device=DEV),
                       position_ids=torch.tensor([[p]], device=DEV), attention_mask=mask, use_cache=True)
             logits.append(o.logits[:, -1].float())
             tok = o.logits[:, -1:].argmax(-1)
