@@ -217,3 +217,38 @@ def grouped(model: nn.Module):
         for g in groups:
             for m in g.members:
                 m.siblings = None
+
+
+# transformers' RMSNorm classes whose forward is weight * (h / sqrt(mean(h^2) + eps)) with
+# eps in `variance_epsilon` (Llama's; Qwen2's and Mistral's are copies of it)
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+@contextlib.contextmanager
+def fused_norms(model: nn.Module):
+    """Within it, the model's RMSNorm modules (RMS_NORMS) run as one Triton kernel on CUDA
+    outside torch.compile (kernels/triton_norm.py) instead of transformers' eight eager
+    kernels: speed.Decoder's uncompiled step. Elsewhere (CPU, other dtypes, under
+    torch.compile) they run their own forward. Yields the modules patched."""
+    mods = [m for m in model.modules() if type(m).__name__ in RMS_NORMS
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and hasattr(m, "variance_epsilon")]
+
+    def fused(mod):
+        own = type(mod).forward.__get__(mod)
+
+        def forward(h):
+            if h.is_cuda and not torch.compiler.is_compiling() and kernels._have_triton():
+                from .kernels import triton_norm
+                if triton_norm.supported(h, mod.weight):
+                    return triton_norm.rms_norm(h, mod.weight, mod.variance_epsilon)
+            return own(h)
+        return forward
+
+    for m in mods:
+        m.forward = fused(m)
+    try:
+        yield mods
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+

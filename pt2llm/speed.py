@@ -92,11 +92,13 @@ class Decoder:
         self.generator = None if sampling.greedy else torch.Generator(device=dev).manual_seed(sampling.seed)
         self.seen = None  # [batch, V] bool, the tokens in each sequence so far (repetition penalty only)
         self.graph = None
-        # q/k/v and gate/up in one launch each in the uncompiled step (torch.compile groups them itself)
+        # q/k/v and gate/up in one launch each, and each RMSNorm one kernel, in the uncompiled
+        # step (torch.compile groups and fuses them itself)
         self._grouping = contextlib.ExitStack()
         if not compile:
-            from .nn import grouped
+            from .nn import fused_norms, grouped
             self._grouping.enter_context(grouped(model))
+            self._grouping.enter_context(fused_norms(model))
 
     def _choose(self, logits: torch.Tensor) -> None:
         self.ids.copy_(next_tokens(logits[:, -1], self.sampling, self.generator, self.seen))
@@ -171,8 +173,8 @@ class Decoder:
             self._step()
 
     def close(self) -> None:
-        """Give the model back its own attention function and ungrouped linears (the graph
-        stays replayable)."""
+        """Give the model back its own attention function, ungrouped linears and its norms'
+        own forward (the graph stays replayable)."""
         self._grouping.close()
         if self._attn_before is not None:
             from . import attention as attn

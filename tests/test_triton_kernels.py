@@ -259,3 +259,66 @@ def test_hadamard_kernel_refuses_what_it_does_not_take():
     assert not th.supported(torch.zeros(1, 896, dtype=torch.int32))
     assert not th.supported(torch.zeros(1, 896))  # float32 keeps the exact torch path
     assert th.supported(torch.zeros(2, 5, 896, dtype=torch.float16))  # leading dims are rows
+
+
+@pytest.mark.parametrize("cls", ["LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (2, 3, 896), (5, 576), (1, 100)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_kernel_gives_the_modules_output(cls, shape, dtype):
+    """kernels/triton_norm: each transformers RMSNorm class in nn.RMS_NORMS, as installed,
+    against its own forward: equal up to one rounding of the 16-bit result (the mean square
+    is summed in another order); float64 arithmetic bounds both. bfloat16 on CUDA only:
+    Triton's interpreter truncates float32 to bfloat16 (1 + 3/4 2^-7 -> 1, not 1 + 2^-7)."""
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("Triton's interpreter rounds to bfloat16 toward zero")
+    import transformers
+
+    from pt2llm import nn as pnn
+    from pt2llm.kernels import triton_norm
+    assert cls in pnn.RMS_NORMS
+    gen = torch.Generator().manual_seed(shape[-1])
+    mod = getattr(transformers, cls, None) or getattr(
+        __import__(f"transformers.models.{cls[:-7].lower()}.modeling_{cls[:-7].lower()}", fromlist=[cls]), cls)
+    norm = mod(shape[-1], eps=1e-5).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=gen) * 2 + 0.1)
+    h = (torch.randn(*shape, generator=gen) * 20 + 3).to(DEV, dtype)
+    want = norm(h)
+    got = triton_norm.rms_norm(h, norm.weight, norm.variance_epsilon)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    exact = norm.weight.double() * h.double() / (h.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
+    assert float(((got.double() - want.double()).abs() / exact.abs().clamp_min(1e-3)).max()) <= 2.5 * ulp
+    assert float(((got.double() - exact).abs() / exact.abs().clamp_min(1e-3)).max()) <= 2.5 * ulp
+    assert (got != want).double().mean() < 0.05  # mostly the same bits
+
+
+def test_fused_norms_patches_the_norms_and_gives_them_back():
+    """nn.fused_norms: within it the model's RMSNorms take the kernel on CUDA 16-bit rows and
+    their own forward elsewhere (here: float32 rows); after it, their own forward again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pt2llm import nn as pnn
+    from pt2llm.kernels import triton_norm
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).to(DEV).eval()
+    calls, real = [], triton_norm.rms_norm
+    triton_norm.rms_norm = lambda *a: calls.append(1) or real(*a)
+    try:
+        norm = model.model.norm
+        h32 = torch.randn(1, 3, 64, device=DEV)
+        ref32 = norm(h32)
+        with pnn.fused_norms(model) as mods:
+            assert len(mods) == 5  # two a layer and the final one
+            assert torch.equal(norm(h32), ref32) and not calls  # float32: its own forward
+            model.half()
+            h = h32.half()
+            got = norm(h)
+            assert len(calls) == (1 if DEV == "cuda" else 0)  # the kernel on CUDA only
+            torch.testing.assert_close(got, type(norm).forward(norm, h), rtol=2e-3, atol=2e-3)
+        assert "forward" not in norm.__dict__
+        norm(h)
+        assert len(calls) == (1 if DEV == "cuda" else 0)
+    finally:
+        triton_norm.rms_norm = real

@@ -3,9 +3,12 @@ benchmarks/e2e.py's Llama-2-7B-shaped model, with the pt2llm package found on PY
 (so that an older tree can be timed in its own process). Prints one line, "AB {json}".
 
     PYTHONPATH=$PWD python3 docs/results/e2e-fusion/ab.py TAG [--no-glu] [--no-norm] [--fp16] [--eager]
+                                                              [--eager-only] [--no-fused-norms]
 
 --no-glu / --no-norm switch off that rewrite of ops.backend; --fp16 also times the fp16 model
-compiled, --eager the ternary model uncompiled. Run from the repository root on a GPU.
+compiled, --eager the ternary model uncompiled, --eager-only that alone; --no-fused-norms runs
+the uncompiled step with transformers' own RMSNorm forward (no nn.fused_norms). Run from the
+repository root on a GPU.
 """
 import json
 import os
@@ -24,6 +27,11 @@ if "--no-glu" in sys.argv:
     ops.fuse_glu = lambda gm: 0
 if "--no-norm" in sys.argv:
     ops.fuse_norm = lambda gm: 0
+if "--no-fused-norms" in sys.argv:
+    import contextlib
+
+    import pt2llm.nn
+    pt2llm.nn.fused_norms = lambda model: contextlib.nullcontext([])
 torch.manual_seed(0)
 gen = torch.Generator(device="cuda").manual_seed(0)
 model = e2e.fp16_model(32)
@@ -32,8 +40,12 @@ if "--fp16" in sys.argv:
     torch._dynamo.reset()
     out["fp16c"] = speed.measure(model, 128, 256, 1, compile=True)["decode_tokens_per_s"]
 e2e.ternarize(model, gen)
-if "--eager" in sys.argv:
-    out["tern"] = speed.measure(model, 128, 256, 1)["decode_tokens_per_s"]
+if "--eager" in sys.argv or "--eager-only" in sys.argv:
+    r = speed.measure(model, 128, 256, 1)
+    out["tern"], out["tern_ms"] = r["decode_tokens_per_s"], r["decode_ms_per_token"]
+if "--eager-only" in sys.argv:
+    print("AB", json.dumps(out), flush=True)
+    sys.exit(0)
 torch._dynamo.reset()
 r = speed.measure(model, 128, 256, 1, compile=True)
 out["ternc"], out["ternc_ms"] = r["decode_tokens_per_s"], r["decode_ms_per_token"]
