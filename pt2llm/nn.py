@@ -236,12 +236,12 @@ def fused_norms(model: nn.Module):
     def fused(mod):
         own = type(mod).forward.__get__(mod)
 
-        def forward(h):
-            if h.is_cuda and not torch.compiler.is_compiling() and kernels._have_triton():
+        def forward(h, *args, **kwargs):
+            if not (args or kwargs) and h.is_cuda and not torch.compiler.is_compiling() and kernels._have_triton():
                 from .kernels import triton_norm
                 if triton_norm.supported(h, mod.weight):
                     return triton_norm.rms_norm(h, mod.weight, mod.variance_epsilon)
-            return own(h)
+            return own(h, *args, **kwargs)
         return forward
 
     for m in mods:
@@ -251,4 +251,3 @@ def fused_norms(model: nn.Module):
     finally:
         for m in mods:
             m.__dict__.pop("forward", None)
-

@@ -34,7 +34,11 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
   (gathered through perm; rows m < M; the B fragment's column n is row m) and its rows'
   (alpha, mu) pairs, so the loop over blocks has no barrier and no load but the codes'. Given
   a second input u (`Matmul(x2, up2)`: a gated MLP's down projection reading its gate's and
-  up's outputs), it stages silu(x) u instead, and no kernel before it has to form the product.
+  up's outputs), it stages silu(x) u instead, and no kernel before it has to form the product;
+  given an RMS norm's weight (`Matmul(x2, norm=(delta2, weight, eps))`, one row: a decoder
+  layer's q/k/v or gate/up after its norm), it first sums the squares of h = x + delta over the
+  whole row, then stages the norm of h, and the CTA at grid (0, 0) writes h out: no kernel
+  before it forms the residual add or the norm.
 
 Decoding: with d_i = code + 1 the digits of byte q, A_i = floor(3^(i+1) q / 256) = 3 A_(i-1)
 + d_i (pack.pack_trit_rows stores q = ceil(256 v / 243)). Multiplying the 16-bit half that
@@ -844,10 +848,10 @@ def matmul_group(x2: torch.Tensor, layers, splits: int | None = None, cluster: b
 _X_SLOT = 0
 _OUT_SLOT = 1 + 5 * MAX_GROUP   # out0..out2
 _PART_SLOT = _OUT_SLOT + MAX_GROUP
-_XU_SLOT = -4                   # the up projection's output where x is a gate's (glu), or the
-_NW_SLOT = -3                   # residual's new part where x is the residual and nw the RMS
-_EPS_SLOT = -2                  # norm's weight (norm; eps its epsilon, hout x + xu)
-_HOUT_SLOT = -1
+# and the last four: xu (the up projection's output where x is a gate's; where nw is given, the
+# residual's new part), nw (an RMS norm's weight), eps (its epsilon, a C float) and hout (where
+# the norm's input x + xu goes)
+_XU_SLOT, _NW_SLOT, _EPS_SLOT, _HOUT_SLOT = -4, -3, -2, -1
 
 
 class Matmul:
