@@ -1,6 +1,6 @@
 """The GPU forward paths as torch custom ops, for torch.compile, and a compile backend that
-groups the ternary linears reading one input into one launch and gives a gated MLP's down
-projection its SiLU product.
+groups the ternary linears reading one input into one launch, gives them the RMSNorm (and the
+residual add) before them, and gives a gated MLP's down projection its SiLU product.
 
 Under torch.compile, TernaryLinear and the online Hadamard call these ops instead of their
 Python launchers (which dynamo cannot trace: NVRTC launches, Python-side caches). The
@@ -10,6 +10,7 @@ rotary embedding, attention glue); eager calls keep the plain launchers.
     torch.ops.pt2llm.ternary_linear(x, packed, alpha, mu, perm, bias, n_out, block_size)
     torch.ops.pt2llm.ternary_linear_glu(gate, up, packed, alpha, mu, perm, bias, n_out, block_size)
     torch.ops.pt2llm.ternary_linear_group(x, [packed], [alpha], [mu], [perm], [bias], [n_out], block_size)
+    torch.ops.pt2llm.ternary_linear_norm(res, delta, weight, eps, [packed], ..., [n_out], block_size)
     torch.ops.pt2llm.hadamard_input(x, signs)
     torch.ops.pt2llm.decode_attention(query, key, value, mask, scale)
 
@@ -19,7 +20,10 @@ one ternary_linear_group call, which at decode sizes is one CUDA launch
 (triton_ternary.linear_group). At M = 1 a 7B layer's q, k and v are each too short to fill
 the GPU on their own (docs/results/e2e.md). Then a ternary_linear call on silu(a) * b (a gated
 MLP's down projection) becomes ternary_linear_glu(a, b), which at decode sizes forms the
-product as the CUDA kernel stages its activations: one kernel fewer a layer (`fuse_glu`).
+product as the CUDA kernel stages its activations: one kernel fewer a layer (`fuse_glu`). And
+a call (or group) on transformers' RMSNorm of one fp16 row becomes ternary_linear_norm, which
+takes the residual add before the norm as well: the kernel stages the norm, one kernel fewer
+before q/k/v and one before gate/up (`fuse_norm`; docs/results/e2e.md, session 22).
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads the type hints
 # to make each op's schema, and older torch (2.4) does not evaluate string annotations.
