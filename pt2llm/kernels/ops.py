@@ -121,6 +121,19 @@ def _(x, packed, alpha, mu, perm, bias, n_out, block_size):
     return [x.new_empty(*x.shape[:-1], n) for n in n_out]
 
 
+def _finish(gm: "torch.fx.GraphModule", made: int) -> int:
+    """A pass's end: check and recompile the graph when it replaced anything; returns made."""
+    if made:
+        gm.graph.lint()
+        gm.recompile()
+    return made
+
+
+def _linear_call(node, targets) -> bool:
+    """Whether node calls one of the ternary linear ops `targets` with its 8 positional arguments."""
+    return node.op == "call_function" and node.target in targets and len(node.args) == 8 and not node.kwargs
+
+
 def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
     """Replace ternary_linear calls that take the same input node (and block size) by
     ternary_linear_group calls of up to `max_group` layers, in graph order; returns how many
@@ -130,7 +143,7 @@ def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     by_input: dict = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is single and len(node.args) == 8 and not node.kwargs:
+        if _linear_call(node, (single,)):
             by_input.setdefault((node.args[0], node.args[7]), []).append(node)
 
     def ready_before(node, first) -> bool:
@@ -154,10 +167,7 @@ def group_linears(gm: "torch.fx.GraphModule", max_group: int = 3) -> int:
                 node.replace_all_uses_with(item)
                 gm.graph.erase_node(node)
             made += 1
-    if made:
-        gm.graph.lint()
-        gm.recompile()
-    return made
+    return _finish(gm, made)
 
 
 _SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default)
@@ -171,7 +181,7 @@ def fuse_glu(gm: "torch.fx.GraphModule") -> int:
     single = torch.ops.pt2llm.ternary_linear.default
     made = 0
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target is single and len(node.args) == 8 and not node.kwargs):
+        if not _linear_call(node, (single,)):
             continue
         prod = node.args[0]
         if not (isinstance(prod, torch.fx.Node) and prod.op == "call_function" and prod.target in _MUL
@@ -193,10 +203,7 @@ def fuse_glu(gm: "torch.fx.GraphModule") -> int:
         gm.graph.erase_node(prod)
         gm.graph.erase_node(act)
         made += 1
-    if made:
-        gm.graph.lint()
-        gm.recompile()
-    return made
+    return _finish(gm, made)
 
 
 def _call(node, kind: str, targets) -> bool:
@@ -255,8 +262,7 @@ def fuse_norm(gm: "torch.fx.GraphModule") -> int:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     made = 0
     for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target in (single, group) and len(node.args) == 8
-                and not node.kwargs):
+        if not _linear_call(node, (single, group)):
             continue
         chain = _rms_norm_chain(node.args[0])
         if chain is None:
@@ -292,10 +298,7 @@ def fuse_norm(gm: "torch.fx.GraphModule") -> int:
             h.replace_all_uses_with(h_new)
             gm.graph.erase_node(h)
         made += 1
-    if made:
-        gm.graph.lint()
-        gm.recompile()
-    return made
+    return _finish(gm, made)
 
 
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor", mode: Optional[str] = None,

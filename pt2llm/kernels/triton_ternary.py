@@ -528,8 +528,7 @@ def linear_norm(res: torch.Tensor, delta: torch.Tensor | None, weight: torch.Ten
             return [y.reshape(*lead, y.shape[-1]) for y in outs]
     h = res if delta is None else res + delta
     x = rms_norm(h, weight, eps)
-    outs = linear_group(x, layers, block_size) if len(layers) > 1 else [linear(x, *layers[0], block_size)]
-    return outs + ([] if delta is None else [h])
+    return linear_group(x, layers, block_size) + ([] if delta is None else [h])
 
 
 def linear(x: torch.Tensor, packed, alpha, mu, perm, bias, n_out: int, block_size: int,
