@@ -133,6 +133,64 @@ def test_bad_mask_shape_is_refused(gen):
         ta.decode(q, k, v, torch.ones(1, 1, 2, 40, dtype=torch.bool, device=DEV), 0.1)
 
 
+def _rotary_exact(x, cos, sin):
+    """transformers' x cos + rotate_half(x) sin in float64, rounded to x's dtype."""
+    h = x.shape[-1] // 2
+    xd = x.double()
+    return (xd * cos.double() + torch.cat((-xd[..., h:], xd[..., :h]), -1) * sin.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D", [(1, 4, 4, 100, 64), (2, 6, 2, 77, 128), (3, 2, 1, 40, 32)])
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("kind", ["none", "bool", "additive"])
+def test_decode_append_writes_the_cache_then_attends(B, H, Hkv, L, D, rope, kind, gen):
+    """decode_append against its parts done apart: the rotary embedding of query and key in
+    float64, the new key and value written into the cache at index (StaticCache's index_copy_),
+    then softmax attention over the cache in float64. Positions at the first key, inside a
+    chunk, at a chunk's start and at the last key; every other cache row untouched; the index
+    counter advanced by one with `advance`, left alone without; the arrival counters at 0."""
+    q, k, v = _inputs(B, H, Hkv, L, D, gen)
+    kn, vn = (torch.randn(B, Hkv, 1, D, generator=gen).to(DEV, torch.float16) for _ in range(2))
+    ang = torch.rand(B, 1, 1, D // 2, generator=gen) * 6
+    cos, sin = (torch.cat((f(ang), f(ang)), -1).to(DEV, torch.float16) for f in (torch.cos, torch.sin))
+    per = -(-L // ta.split_count(B * H, L))
+    chunk = -(-per // ta.BLOCK_N) * ta.BLOCK_N             # the kernel's chunk of keys
+    for at in sorted({0, 5, chunk, L - 1}):
+        keep = (torch.arange(L) <= at)[None, :].expand(B, L)
+        mask = None if kind == "none" else (keep[:, None, None, :].to(DEV) if kind == "bool" else
+                                            torch.where(keep, 0.0, -math.inf)[:, None, None, :].to(DEV, torch.float16))
+        for advance in (True, False):
+            key, value = k.clone(), v.clone()
+            index = torch.tensor([at], device=DEV)
+            out = ta.decode_append(q, kn, vn, cos if rope else None, sin if rope else None, key, value, index,
+                                   mask, 0.2, advance)
+            qr, kr = (_rotary_exact(t, cos, sin) for t in (q, kn)) if rope else (q, kn)
+            want_k, want_v = k.clone(), v.clone()
+            want_k[:, :, at], want_v[:, :, at] = kr[:, :, 0], vn[:, :, 0]
+            assert int(index) == at + advance
+            torch.testing.assert_close(key, want_k, rtol=1e-3, atol=1e-3)
+            assert torch.equal(value, want_v)
+            rows = torch.arange(L) != at
+            assert torch.equal(key[:, :, rows], k[:, :, rows])
+            assert _rel(out, _exact(qr, want_k, want_v, mask, 0.2)) < 2e-3
+            assert not ta._counters(q.device, B * H + 1).any()
+
+
+def test_decode_append_refuses_what_it_cannot_write(gen):
+    q, k, v = _inputs(1, 4, 2, 40, 32, gen)
+    kn = torch.randn(1, 2, 1, 32, generator=gen).to(DEV, torch.float16)
+    idx = torch.tensor([3], device=DEV)
+    with pytest.raises(ValueError, match="new key"):
+        ta.decode_append(q, kn[:, :1], kn, None, None, k, v, idx, None, 0.1, True)
+    with pytest.raises(ValueError, match="int64"):
+        ta.decode_append(q, kn, kn, None, None, k, v, idx.int(), None, 0.1, True)
+    with pytest.raises(ValueError, match="cos and sin"):
+        ta.decode_append(q, kn, kn, kn[0, :1], None, k, v, idx, None, 0.1, True)
+    with pytest.raises(ValueError, match="unit last stride"):
+        ta.decode_append(q, kn, kn, None, None, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, idx,
+                         None, 0.1, True)
+
+
 def test_model_decode_with_pt2llm_attention_matches_sdpa(monkeypatch):
     """A tiny Qwen2 (grouped-query attention) decodes the same tokens and near-identical
     logits with the "pt2llm" attention function as with SDPA, through a static cache and a

@@ -321,6 +321,124 @@ def test_decode_attention_op_passes_torch_library_checks():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+def test_decode_attention_append_op_passes_torch_library_checks():
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 1, 32, generator=gen).half().to(DEV)
+    kn, vn = (torch.randn(1, 2, 1, 32, generator=gen).half().to(DEV) for _ in range(2))
+    cos, sin = (torch.rand(1, 1, 1, 32, generator=gen).half().to(DEV) for _ in range(2))
+    k, v = (torch.randn(1, 2, 40, 32, generator=gen).half().to(DEV) for _ in range(2))
+    mask = (torch.arange(40) < 25)[None, None, None].to(DEV)
+    for rope in ((cos, sin), (None, None)):
+        torch.library.opcheck(torch.ops.pt2llm.decode_attention_append.default,
+                              (q, kn, vn, *rope, k, v, torch.tensor([24], device=DEV), mask, 0.2, True),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _rotary(x, cos, sin):
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def test_backend_folds_the_cache_write_and_the_rotary_embedding_into_the_attention():
+    """fuse_cache_write on transformers' StaticLayer.update arithmetic before the decode
+    attention op: the rotary embedding of q and k, the cache's length counter (pos = arange(1)
+    + counter; counter.add_(1)) and both index_copy_ writes become one decode_attention_append
+    call. A counter read elsewhere stays where it is (the call gets pos, no advance); a rotated
+    query with another reader keeps its rotary embedding; a cache read elsewhere keeps the
+    whole step. The compiled function leaves the same caches and counter and gives the eager
+    output."""
+    gen = torch.Generator().manual_seed(5)
+    attn = torch.ops.pt2llm.decode_attention
+
+    def step(q, k, v, cos, sin, keys, values, counter, mask, variant):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        qe, ke = _rotary(q, cos, sin), _rotary(k, cos, sin)
+        pos = torch.arange(1, device=q.device) + counter
+        counter.add_(1)
+        keys.index_copy_(2, pos, ke)
+        values.index_copy_(2, pos, v)
+        out = attn(qe, keys, values, mask, 0.25)
+        if variant == "counter":
+            return out, counter * 2
+        if variant == "query":
+            return out, qe * 2
+        if variant == "cache":
+            return out, keys.sum()
+        return out, out
+
+    seen = []
+    fused_op = torch.ops.pt2llm.decode_attention_append.default
+
+    def spy(gm, inputs):
+        made = ops.fuse_cache_write(gm)
+        calls = [n for n in gm.graph.nodes if n.target is fused_op]
+        seen.append((made, [(c.args[3] is not None, c.args[10]) for c in calls],
+                     sum(n.target == "index_copy_" for n in gm.graph.nodes)))
+        return gm.forward
+
+    B, H, Hkv, L, D = 2, 4, 2, 40, 16
+    q = torch.randn(B, H, 1, D, generator=gen).half().to(DEV)
+    k, v = (torch.randn(B, Hkv, 1, D, generator=gen).half().to(DEV) for _ in range(2))
+    ang = torch.rand(B, 1, D // 2, generator=gen) * 3
+    cos, sin = (torch.cat((f(ang), f(ang)), -1).half().to(DEV) for f in (torch.cos, torch.sin))
+    cache = [torch.randn(B, Hkv, L, D, generator=gen).half().to(DEV) for _ in range(2)]
+    mask = (torch.arange(L) <= 7)[None, None, None].expand(B, 1, 1, L).to(DEV)
+    want = {"plain": (1, [(True, True)], 0), "counter": (1, [(True, False)], 0),
+            "query": (1, [(False, True)], 0), "cache": (0, [], 2)}
+    for variant, expect in want.items():
+        states = [[t.clone() for t in cache] + [torch.tensor(7, device=DEV)] for _ in range(2)]
+        with torch.no_grad():
+            ref = step(q, k, v, cos, sin, *states[0], mask, variant)
+            torch._dynamo.reset()
+            seen.clear()
+            got = torch.compile(step, backend=spy, fullgraph=True)(q, k, v, cos, sin, *states[1], mask, variant)
+        assert seen == [expect], variant
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
+        for a, b in zip(states[1], states[0]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        assert int(states[1][2]) == 8
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_compiled_decode_step_writes_its_cache_in_the_attention(monkeypatch, arch):
+    """speed.Decoder with compile=True (ops.backend, Inductor) on a tiny Llama and Qwen2 (GQA,
+    q/k/v biases): every layer's cache write, rotary embedding and length counter go into the
+    attention call (fuse_cache_write), and the step decodes the tokens of the uncompiled step
+    on the model's own attention, with caches and counters alike. On the CPU the kernels run
+    in Triton's interpreter (the attention function's CUDA check is lifted)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from pt2llm import attention
+    from pt2llm.kernels import triton_attention as ta
+    from pt2llm.speed import Decoder
+    if not CUDA:
+        monkeypatch.setattr(attention, "takes", lambda q, k, dropout, kw: ta.supported(q, k) and not dropout)
+    made = []
+    real = ops.fuse_cache_write
+    monkeypatch.setattr(ops, "fuse_cache_write", lambda gm: made.append(real(gm)) or made[-1])
+    torch.manual_seed(0)
+    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
+        vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).to(DEV).eval()
+    prompt = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(3)).to(DEV)
+    ref = Decoder(model, 2, 24, attention="model")
+    want = ref.generate(prompt, 8)
+    torch._dynamo.reset()
+    dec = Decoder(model, 2, 24, compile=True)
+    got = dec.generate(prompt, 8)
+    dec.close()
+    torch._dynamo.reset()
+    assert made == [2]
+    assert torch.equal(got, want)
+    for a, b in zip(dec.cache.layers, ref.cache.layers):
+        assert int(a.cumulative_length) == int(b.cumulative_length) == 7 + 7
+        torch.testing.assert_close(a.keys, b.keys, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(a.values, b.values, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.skipif(not CUDA, reason="the compiled path uses the GPU kernels")
 @pytest.mark.parametrize("rotate", ["hadamard", "none"])
 def test_a_compiled_qwen2_runs_its_linears_in_groups(tmp_path, rotate):

@@ -107,6 +107,22 @@ def _(query, key, value, mask, scale):
     return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
 
 
+@torch.library.custom_op("pt2llm::decode_attention_append", mutates_args=("key", "value", "index"))
+def decode_attention_append(query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor,
+                            cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], key: torch.Tensor,
+                            value: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                            advance: bool) -> torch.Tensor:
+    """triton_attention.decode_append (the rotary embedding where cos and sin are given, the
+    static cache's write at index, the attention, and with `advance` index += 1) as one op."""
+    from .triton_attention import decode_append
+    return decode_append(query, key_new, value_new, cos, sin, key, value, index, mask, scale, advance)
+
+
+@decode_attention_append.register_fake
+def _(query, key_new, value_new, cos, sin, key, value, index, mask, scale, advance):
+    return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
+
+
 @torch.library.custom_op("pt2llm::ternary_linear_group", mutates_args=())
 def ternary_linear_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
                          mu: List[torch.Tensor], perm: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
@@ -301,6 +317,124 @@ def fuse_norm(gm: "torch.fx.GraphModule") -> int:
     return _finish(gm, made)
 
 
+def _rotary(e):
+    """(x, cos, sin, the chain's nodes) where e is transformers' rotary embedding of x as dynamo
+    captures it (Llama, Qwen2, Mistral: x * cos + cat((-x[..., D/2:], x[..., :D/2]), -1) * sin),
+    each node used only inside the chain; else None."""
+    if not (_call(e, "call_function", (operator.add, torch.add)) and len(e.args) == 2 and not e.kwargs
+            and len(e.users) == 1):
+        return None
+    for a, b in (e.args, e.args[::-1]):
+        if not (_call(a, "call_function", _MUL) and _call(b, "call_function", _MUL) and len(a.args) == 2
+                and len(b.args) == 2 and len(a.users) == 1 and len(b.users) == 1):
+            continue
+        for x, cos in (a.args, a.args[::-1]):
+            for cat, sin in (b.args, b.args[::-1]):
+                nodes = _rotate_half(cat, x)
+                if nodes is not None and isinstance(cos, torch.fx.Node) and isinstance(sin, torch.fx.Node):
+                    if set(x.users) == {a, nodes[-2], nodes[-1]}:
+                        return x, cos, sin, [e, a, b, *nodes]
+    return None
+
+
+def _rotate_half(cat, x):
+    """[cat, neg, x2, x1] where cat is cat((-x[..., D/2:], x[..., :D/2]), dim=-1), each node
+    used once; else None."""
+    xv = _example(x)
+    if not (_call(cat, "call_function", (torch.cat,)) and len(cat.users) == 1 and isinstance(xv, torch.Tensor)):
+        return None
+    parts = cat.args[0] if cat.args else None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, xv.dim() - 1)):
+        return None
+    neg, x1 = parts
+    if not (_call(neg, "call_function", (operator.neg, torch.neg)) and len(neg.users) == 1):
+        return None
+    x2, half = neg.args[0], xv.shape[-1] // 2
+    if xv.shape[-1] % 2:
+        return None
+    for node, want in ((x1, slice(None, half, None)), (x2, slice(half, None, None))):
+        if not (_call(node, "call_function", (operator.getitem,)) and node.args[0] is x and len(node.users) == 1):
+            return None
+        idx = node.args[1]
+        if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and idx[1] == want):
+            return None
+    return [cat, neg, x2, x1]
+
+
+def _cache_length(pos, n: int):
+    """(counter, nodes) where pos = arange(n) + counter and counter.add_(n) follows, the
+    counter read by nothing else (transformers' StaticLayer.update); else None."""
+    if not (_call(pos, "call_function", (operator.add, torch.add)) and len(pos.args) == 2 and not pos.kwargs):
+        return None
+    for ar, counter in (pos.args, pos.args[::-1]):
+        if (_call(ar, "call_function", (torch.arange,)) and tuple(ar.args) == (n,) and len(ar.users) == 1
+                and isinstance(counter, torch.fx.Node)):
+            break
+    else:
+        return None
+    adds = [u for u in counter.users if u is not pos]
+    if len(adds) != 1:
+        return None
+    add = adds[0]
+    if not (_call(add, "call_method", ("add_",)) and add.args[1:] == (n,) and not add.kwargs and not add.users):
+        return None
+    cv = _example(counter)
+    if not (isinstance(cv, torch.Tensor) and cv.numel() == 1 and cv.dtype == torch.int64):
+        return None
+    return counter, [add, pos, ar]
+
+
+def fuse_cache_write(gm: "torch.fx.GraphModule") -> int:
+    """Replace a decode step's static-cache write and attention (transformers' StaticLayer.update:
+    key.index_copy_(2, pos, k), value.index_copy_(2, pos, v); then decode_attention over key and
+    value) by one decode_attention_append call, which also takes the rotary embedding of the
+    query and the key where both are transformers' and share cos and sin, and the cache's length
+    counter where pos = arange(1) + counter and counter.add_(1) read it and nothing else does;
+    returns how many calls were replaced. The cache tensors must be read by nothing but the
+    write and the attention."""
+    attn_ops = (torch.ops.pt2llm.decode_attention, torch.ops.pt2llm.decode_attention.default)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    made = 0
+    for node in list(gm.graph.nodes):
+        if not (_call(node, "call_function", attn_ops) and len(node.args) == 5 and not node.kwargs):
+            continue
+        q, key, value, mask, scale = node.args
+        writes = []
+        for cache in (key, value):
+            users = [u for u in cache.users if u is not node] if isinstance(cache, torch.fx.Node) else []
+            if not (len(users) == 1 and _call(users[0], "call_method", ("index_copy_",)) and not users[0].users
+                    and len(users[0].args) == 4 and users[0].args[0] is cache and not users[0].kwargs):
+                break
+            writes.append(users[0])
+        if len(writes) != 2 or key is value:
+            continue
+        (_, kd, pos, k_new), (_, vd, pos_v, v_new) = (w.args for w in writes)
+        qv, kv, vv, cv = _example(q), _example(k_new), _example(v_new), _example(key)
+        if not (pos is pos_v and all(isinstance(t, torch.Tensor) for t in (qv, kv, vv, cv))
+                and cv.dim() == 4 and kd in (2, -2) and vd in (2, -2) and qv.dim() == 4 and qv.shape[2] == 1
+                and tuple(kv.shape) == (cv.shape[0], cv.shape[1], 1, cv.shape[3]) and vv.shape == kv.shape
+                and all(order[w] < order[node] for w in writes)):
+            continue
+        length = _cache_length(pos, 1) if set(pos.users) == set(writes) else None
+        index, advance, dead = (length[0], True, length[1]) if length else (pos, False, [])
+        rq, rk = _rotary(q), _rotary(k_new)
+        rope = rq is not None and rk is not None and rq[1] is rk[1] and rq[2] is rk[2]
+        if rope:
+            (q, cos, sin, dead_q), (k_new, _, _, dead_k) = rq, rk
+        else:
+            cos = sin = None
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(torch.ops.pt2llm.decode_attention_append.default,
+                                           (q, k_new, v_new, cos, sin, key, value, index, mask, scale, advance))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        for n in [node, *writes, *dead, *((dead_q + dead_k) if rope else [])]:
+            gm.graph.erase_node(n)
+        made += 1
+    return _finish(gm, made)
+
+
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor", mode: Optional[str] = None,
             options: Optional[dict] = None):
     """A torch.compile backend: group_linears, then `inner` (Inductor by default). torch.compile's
@@ -311,6 +445,7 @@ def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor",
     group_linears(gm)
     fuse_glu(gm)
     fuse_norm(gm)
+    fuse_cache_write(gm)
     from torch._dynamo.backends.registry import lookup_backend
     compiler = lookup_backend(inner)
     if inner == "inductor" and (mode or options):

@@ -1,11 +1,12 @@
-"""One row of session 22's A/B (docs/results/e2e.md): the compiled ternary decode step of
+"""One row of sessions 22's and 23's A/Bs (docs/results/e2e.md): the compiled ternary decode step of
 benchmarks/e2e.py's Llama-2-7B-shaped model, with the pt2llm package found on PYTHONPATH
 (so that an older tree can be timed in its own process). Prints one line, "AB {json}".
 
-    PYTHONPATH=$PWD python3 docs/results/e2e-fusion/ab.py TAG [--no-glu] [--no-norm] [--fp16] [--eager]
-                                                              [--eager-only] [--no-fused-norms]
+    PYTHONPATH=$PWD python3 docs/results/e2e-fusion/ab.py TAG [--no-glu] [--no-norm] [--no-cache-write]
+                                                              [--fp16] [--eager] [--eager-only] [--no-fused-norms]
 
---no-glu / --no-norm switch off that rewrite of ops.backend; --fp16 also times the fp16 model
+--no-glu / --no-norm / --no-cache-write switch off that rewrite of ops.backend (fuse_glu,
+fuse_norm, fuse_cache_write: session 23); --fp16 also times the fp16 model
 compiled, --eager the ternary model uncompiled, --eager-only that alone; --no-fused-norms runs
 the uncompiled step with transformers' own RMSNorm forward (no nn.fused_norms). Run from the
 repository root on a GPU.
@@ -27,6 +28,8 @@ if "--no-glu" in sys.argv:
     ops.fuse_glu = lambda gm: 0
 if "--no-norm" in sys.argv:
     ops.fuse_norm = lambda gm: 0
+if "--no-cache-write" in sys.argv:
+    ops.fuse_cache_write = lambda gm: 0
 if "--no-fused-norms" in sys.argv:
     import contextlib
 
