@@ -13,6 +13,8 @@ rotary embedding, attention glue); eager calls keep the plain launchers.
     torch.ops.pt2llm.ternary_linear_norm(res, delta, weight, eps, [packed], ..., [n_out], block_size)
     torch.ops.pt2llm.hadamard_input(x, signs)
     torch.ops.pt2llm.decode_attention(query, key, value, mask, scale)
+    torch.ops.pt2llm.decode_attention_append(query, key_new, value_new, cos, sin, key, value, index, mask,
+                                             scale, advance)   # writes key, value (and index)
 
 `backend` (torch.compile(fn, backend=ops.backend)) rewrites the captured graph before
 Inductor: ternary_linear calls on the same input (a decoder layer's q/k/v, its gate/up) become
@@ -23,7 +25,10 @@ MLP's down projection) becomes ternary_linear_glu(a, b), which at decode sizes f
 product as the CUDA kernel stages its activations: one kernel fewer a layer (`fuse_glu`). And
 a call (or group) on transformers' RMSNorm of one fp16 row becomes ternary_linear_norm, which
 takes the residual add before the norm as well: the kernel stages the norm, one kernel fewer
-before q/k/v and one before gate/up (`fuse_norm`; docs/results/e2e.md, session 22).
+before q/k/v and one before gate/up (`fuse_norm`; docs/results/e2e.md, session 22). Last, a
+decode step's static-cache write (transformers' StaticLayer.update: two index_copy_ and the
+length counter's add_) and the rotary embedding of q and k go into the attention call
+(`fuse_cache_write`, decode_attention_append): three kernels fewer a layer (session 23).
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads the type hints
 # to make each op's schema, and older torch (2.4) does not evaluate string annotations.
@@ -437,9 +442,9 @@ def fuse_cache_write(gm: "torch.fx.GraphModule") -> int:
 
 def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor", mode: Optional[str] = None,
             options: Optional[dict] = None):
-    """A torch.compile backend: group_linears, then `inner` (Inductor by default). torch.compile's
-    `mode` and `options` reach Inductor as they would without this backend ("reduce-overhead":
-    CUDA graphs). Registered as "pt2llm": torch.compile(model, backend="pt2llm"), or in
+    """A torch.compile backend: group_linears, fuse_glu, fuse_norm and fuse_cache_write, then
+    `inner` (Inductor by default). torch.compile's `mode` and `options` reach Inductor as they
+    would without this backend ("reduce-overhead": CUDA graphs). Registered as "pt2llm": torch.compile(model, backend="pt2llm"), or in
     transformers, generate(..., cache_implementation="static",
     compile_config=CompileConfig(backend="pt2llm"))."""
     group_linears(gm)
