@@ -92,13 +92,17 @@ class Decoder:
         self.generator = None if sampling.greedy else torch.Generator(device=dev).manual_seed(sampling.seed)
         self.seen = None  # [batch, V] bool, the tokens in each sequence so far (repetition penalty only)
         self.graph = None
-        # q/k/v and gate/up in one launch each, and each RMSNorm one kernel, in the uncompiled
-        # step (torch.compile groups and fuses them itself)
+        # q/k/v and gate/up in one launch each, each RMSNorm one kernel, and the attention with
+        # its rotary embedding and cache write one launch, in the uncompiled step (torch.compile
+        # groups and fuses them itself)
         self._grouping = contextlib.ExitStack()
         if not compile:
             from .nn import fused_norms, grouped
             self._grouping.enter_context(grouped(model))
             self._grouping.enter_context(fused_norms(model))
+            if attention == "pt2llm":
+                from .attention import fused_decode
+                self._grouping.enter_context(fused_decode(model))
 
     def _choose(self, logits: torch.Tensor) -> None:
         self.ids.copy_(next_tokens(logits[:, -1], self.sampling, self.generator, self.seen))
@@ -173,8 +177,8 @@ class Decoder:
             self._step()
 
     def close(self) -> None:
-        """Give the model back its own attention function, ungrouped linears and its norms'
-        own forward (the graph stays replayable)."""
+        """Give the model back its own attention function, ungrouped linears and its norms' and
+        attention modules' own forward (the graph stays replayable)."""
         self._grouping.close()
         if self._attn_before is not None:
             from . import attention as attn

@@ -259,6 +259,91 @@ def test_decoder_switches_attention_and_close_gives_it_back():
         Decoder(model, 1, 20, attention="flash")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_uncompiled_decoder_steps_through_one_append_launch(monkeypatch, arch):
+    """speed.Decoder's uncompiled step on a tiny Llama and Qwen2 (GQA, q/k/v biases): each
+    layer's one-token step goes to decode_append (attention.fused_decode: the rotary embedding,
+    the static cache's write and length, the attention), and the tokens, caches and lengths
+    are those of the model's own attention; close() gives the modules their forward back. On
+    the CPU the kernel runs in Triton's interpreter (the device check is lifted)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from pt2llm.speed import Decoder
+    if not CUDA:
+        monkeypatch.setattr(attention, "_runs_here", lambda h: True)
+    calls = []
+    real = ta.decode_append
+    monkeypatch.setattr(ta, "decode_append", lambda *a: calls.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
+        vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).to(DEV).eval()
+    prompt = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(3)).to(DEV)
+    ref = Decoder(model, 2, 24, attention="model")
+    want = ref.generate(prompt, 8)
+    assert calls == []
+    dec = Decoder(model, 2, 24)
+    got = dec.generate(prompt, 8)
+    mods = [m for m in model.modules() if type(m).__name__ in attention.ATTENTIONS]
+    assert len(mods) == 2 and all("forward" in m.__dict__ for m in mods)
+    dec.close()
+    assert not any("forward" in m.__dict__ for m in mods)
+    assert calls == [True] * (2 * 7)                      # two layers, seven decode steps, advancing
+    assert torch.equal(got, want)
+    for a, b in zip(dec.cache.layers, ref.cache.layers):
+        assert int(a.cumulative_length) == int(b.cumulative_length) == 14
+        torch.testing.assert_close(a.keys, b.keys, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(a.values, b.values, rtol=2e-3, atol=2e-3)
+
+
+def test_fused_decode_leaves_other_steps_to_the_module(monkeypatch):
+    """Inside attention.fused_decode, what decode_append would not do exactly as transformers
+    does runs the module's own forward: a prefill (many tokens), a dynamic cache, a sliding
+    window, the model's own attention function; the logits equal those outside it. A static
+    cache's one-token step with the "pt2llm" function is the control: it takes the kernel."""
+    from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config, StaticCache
+
+    if not CUDA:
+        monkeypatch.setattr(attention, "_runs_here", lambda h: True)
+    calls = []
+    real = ta.decode_append
+    monkeypatch.setattr(ta, "decode_append", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).to(DEV).eval()
+    ids = torch.randint(0, 120, (1, 6), generator=torch.Generator().manual_seed(2)).to(DEV)
+    before = attention.use(model)
+
+    def run(cache, sliding=False):
+        for m in model.modules():
+            if type(m).__name__ in attention.ATTENTIONS:
+                m.sliding_window = 4 if sliding else None
+        pos = torch.arange(6, device=DEV)
+        first = model(input_ids=ids, **{cache_arg(model): cache}, cache_position=pos, use_cache=True).logits
+        nxt = model(input_ids=ids[:, :1], **{cache_arg(model): cache}, cache_position=pos[-1:] + 1,
+                    position_ids=pos[None, -1:] + 1, use_cache=True).logits
+        return first, nxt
+
+    with torch.no_grad():
+        for make, sliding in ((lambda: DynamicCache(config=model.config), False),
+                              (lambda: StaticCache(config=model.config, max_cache_len=12), True)):
+            plain = run(make(), sliding)
+            with attention.fused_decode(model):
+                fused = run(make(), sliding)
+            for a, b in zip(fused, plain):
+                assert torch.equal(a, b)
+        assert calls == []
+        with attention.fused_decode(model):                 # the control: a static cache's step
+            run(StaticCache(config=model.config, max_cache_len=12))
+        assert calls == [1, 1]                               # one a layer, the decode step only
+        attention.restore(model, before)
+        with attention.fused_decode(model):
+            run(StaticCache(config=model.config, max_cache_len=12))
+    assert calls == [1, 1]
+
+
 @pytest.mark.skipif(not CUDA, reason="a CUDA graph of the decode step")
 def test_decode_step_captured_as_a_cuda_graph_uses_the_kernel():
     """`pt2llm bench`'s decode loop on CUDA: the step, with the kernel in every layer, captured

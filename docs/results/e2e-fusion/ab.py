@@ -4,11 +4,13 @@ benchmarks/e2e.py's Llama-2-7B-shaped model, with the pt2llm package found on PY
 
     PYTHONPATH=$PWD python3 docs/results/e2e-fusion/ab.py TAG [--no-glu] [--no-norm] [--no-cache-write]
                                                               [--fp16] [--eager] [--eager-only] [--no-fused-norms]
+                                                              [--no-fused-decode]
 
 --no-glu / --no-norm / --no-cache-write switch off that rewrite of ops.backend (fuse_glu,
 fuse_norm, fuse_cache_write: session 23); --fp16 also times the fp16 model
 compiled, --eager the ternary model uncompiled, --eager-only that alone; --no-fused-norms runs
-the uncompiled step with transformers' own RMSNorm forward (no nn.fused_norms). Run from the
+the uncompiled step with transformers' own RMSNorm forward (no nn.fused_norms), --no-fused-decode
+with transformers' own attention forward (no attention.fused_decode: session 23). Run from the
 repository root on a GPU.
 """
 import json
@@ -35,6 +37,11 @@ if "--no-fused-norms" in sys.argv:
 
     import pt2llm.nn
     pt2llm.nn.fused_norms = lambda model: contextlib.nullcontext([])
+if "--no-fused-decode" in sys.argv:
+    import contextlib
+
+    import pt2llm.attention
+    pt2llm.attention.fused_decode = lambda model: contextlib.nullcontext([])
 torch.manual_seed(0)
 gen = torch.Generator(device="cuda").manual_seed(0)
 model = e2e.fp16_model(32)
