@@ -271,6 +271,35 @@ def test_transformers_static_cache_generate_runs_a_ternary_model():
     assert torch.equal(static[0][:, 6:10], _hf(model, prompt, 4))  # the first tokens as the eager loop's
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers compiles its static-cache step on CUDA")
+def test_transformers_static_cache_generate_through_the_pt2llm_backend(monkeypatch):
+    """transformers' generate(cache_implementation="static") with the "pt2llm" attention
+    function and compile backend: each layer's cache write, length counter and rotary
+    embedding go into the attention launch (ops.fuse_cache_write) in transformers' own
+    compiled step, and the first tokens are the eager loop's."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from pt2llm import attention
+    from pt2llm.kernels import ops
+    made = []
+    real = ops.fuse_cache_write
+    monkeypatch.setattr(ops, "fuse_cache_write", lambda gm: made.append(real(gm)) or made[-1])
+    model = _cuda_model(ternary_seed=0)
+    prompt = torch.randint(0, 100, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    want = _hf(model, prompt, 4)
+    before = attention.use(model)
+    torch._dynamo.reset()
+    try:
+        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, cache_implementation="static",
+                             compile_config=CompileConfig(backend="pt2llm"))
+    finally:
+        torch._dynamo.reset()
+        attention.restore(model, before)
+    assert made and max(made) == 2                   # both layers, in the compiled decode step
+    assert torch.equal(got[:, 6:10], want)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_command_prints_text_and_speed(tiny, capsys, device):
