@@ -259,14 +259,14 @@ def test_decoder_switches_attention_and_close_gives_it_back():
         Decoder(model, 1, 20, attention="flash")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_uncompiled_decoder_steps_through_one_append_launch(monkeypatch, arch):
-    """speed.Decoder's uncompiled step on a tiny Llama and Qwen2 (GQA, q/k/v biases): each
+    """speed.Decoder's uncompiled step on a tiny Llama, Qwen2 (GQA, q/k/v biases) and Mistral: each
     layer's one-token step goes to decode_append (attention.fused_decode: the rotary embedding,
     the static cache's write and length, the attention), and the tokens, caches and lengths
     are those of the model's own attention; close() gives the modules their forward back. On
     the CPU the kernel runs in Triton's interpreter (the device check is lifted)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     from pt2llm.speed import Decoder
     if not CUDA:
@@ -275,9 +275,11 @@ def test_uncompiled_decoder_steps_through_one_append_launch(monkeypatch, arch):
     real = ta.decode_append
     monkeypatch.setattr(ta, "decode_append", lambda *a: calls.append(a[-1]) or real(*a))
     torch.manual_seed(0)
-    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](
         vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "mistral":
+        cfg.sliding_window = None   # with a window, StaticCache makes sliding layers: not fused
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).to(DEV).eval()
     prompt = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(3)).to(DEV)
     ref = Decoder(model, 2, 24, attention="model")
@@ -300,9 +302,10 @@ def test_uncompiled_decoder_steps_through_one_append_launch(monkeypatch, arch):
 def test_fused_decode_leaves_other_steps_to_the_module(monkeypatch):
     """Inside attention.fused_decode, what decode_append would not do exactly as transformers
     does runs the module's own forward: a prefill (many tokens), a dynamic cache, a sliding
-    window, the model's own attention function; the logits equal those outside it. A static
+    window (Qwen2's on the module, Mistral's in its cache's layers), the model's own attention
+    function; the logits equal those outside it. A static
     cache's one-token step with the "pt2llm" function is the control: it takes the kernel."""
-    from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config, StaticCache
+    from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, Qwen2Config, StaticCache
 
     if not CUDA:
         monkeypatch.setattr(attention, "_runs_here", lambda h: True)
@@ -334,6 +337,15 @@ def test_fused_decode_leaves_other_steps_to_the_module(monkeypatch):
                 fused = run(make(), sliding)
             for a, b in zip(fused, plain):
                 assert torch.equal(a, b)
+        assert calls == []
+        mistral = AutoModelForCausalLM.from_config(MistralConfig(
+            vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, sliding_window=8), dtype=torch.float16).to(DEV).eval()
+        attention.use(mistral)
+        with attention.fused_decode(mistral):               # a static cache of sliding-window layers
+            cache = StaticCache(config=mistral.config, max_cache_len=12)
+            mistral(input_ids=ids, **{cache_arg(mistral): cache}, use_cache=True)
+            mistral(input_ids=ids[:, :1], **{cache_arg(mistral): cache}, use_cache=True)
         assert calls == []
         with attention.fused_decode(model):                 # the control: a static cache's step
             run(StaticCache(config=model.config, max_cache_len=12))

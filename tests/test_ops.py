@@ -401,14 +401,14 @@ def test_backend_folds_the_cache_write_and_the_rotary_embedding_into_the_attenti
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_a_compiled_decode_step_writes_its_cache_in_the_attention(monkeypatch, arch):
-    """speed.Decoder with compile=True (ops.backend, Inductor) on a tiny Llama and Qwen2 (GQA,
+    """speed.Decoder with compile=True (ops.backend, Inductor) on a tiny Llama, Qwen2 and Mistral (GQA,
     q/k/v biases): every layer's cache write, rotary embedding and length counter go into the
     attention call (fuse_cache_write), and the step decodes the tokens of the uncompiled step
     on the model's own attention, with caches and counters alike. On the CPU the kernels run
     in Triton's interpreter (the attention function's CUDA check is lifted)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     from pt2llm import attention
     from pt2llm.kernels import triton_attention as ta
@@ -419,9 +419,11 @@ def test_a_compiled_decode_step_writes_its_cache_in_the_attention(monkeypatch, a
     real = ops.fuse_cache_write
     monkeypatch.setattr(ops, "fuse_cache_write", lambda gm: made.append(real(gm)) or made[-1])
     torch.manual_seed(0)
-    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](
         vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "mistral":
+        cfg.sliding_window = None   # with a window, StaticCache makes sliding layers: not fused
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).to(DEV).eval()
     prompt = torch.randint(0, 120, (2, 7), generator=torch.Generator().manual_seed(3)).to(DEV)
     ref = Decoder(model, 2, 24, attention="model")
