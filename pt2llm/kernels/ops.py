@@ -444,9 +444,9 @@ def backend(gm: "torch.fx.GraphModule", example_inputs, inner: str = "inductor",
             options: Optional[dict] = None):
     """A torch.compile backend: group_linears, fuse_glu, fuse_norm and fuse_cache_write, then
     `inner` (Inductor by default). torch.compile's `mode` and `options` reach Inductor as they
-    would without this backend ("reduce-overhead": CUDA graphs). Registered as "pt2llm": torch.compile(model, backend="pt2llm"), or in
-    transformers, generate(..., cache_implementation="static",
-    compile_config=CompileConfig(backend="pt2llm"))."""
+    would without this backend ("reduce-overhead": CUDA graphs). Registered as "pt2llm":
+    torch.compile(model, backend="pt2llm"), or in transformers, generate(...,
+    cache_implementation="static", compile_config=CompileConfig(backend="pt2llm"))."""
     group_linears(gm)
     fuse_glu(gm)
     fuse_norm(gm)
