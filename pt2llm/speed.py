@@ -12,8 +12,11 @@ step's attention is the split-key Triton kernel (pt2llm.attention, kernels/trito
 no CUDA graphs of its own: the step's graph holds it), which fuses the small kernels
 between the linears (norms, rotary embedding, the SiLU product); TernaryLinear and the
 online Hadamard reach it as opaque custom ops, and the ternary linears that read one input
-(q/k/v, gate/up) become one launch (kernels/ops.py, `backend`); without it the step groups them
-itself (nn.grouped). Prefill stays eager.
+(q/k/v, gate/up) become one launch (kernels/ops.py, `backend`, which also folds the norms,
+the SiLU product and the cache write with its rotary embedding into the kernels around them);
+without it the step groups them itself (nn.grouped), runs each RMSNorm as one kernel
+(nn.fused_norms) and each attention module's rotary embedding, cache write and attention as
+one launch (attention.fused_decode). Prefill stays eager.
 """
 from __future__ import annotations
 
