@@ -176,6 +176,29 @@ def test_decode_append_writes_the_cache_then_attends(B, H, Hkv, L, D, rope, kind
             assert not ta._counters(q.device, B * H + 1).any()
 
 
+def test_decode_append_rounds_the_rotated_query_as_the_unfused_step(gen):
+    """The rotated query is rounded to fp16 once, as the unfused step's q_embed tensor is, before
+    the scores: with sin = 0 the rotation is q cos, exact in fp32, so the launch with cos and
+    sin gives what the launch without them gives on q cos and k cos rounded to fp16 (the
+    sharp scale makes a skipped rounding visible in the output)."""
+    B, H, Hkv, L, D = 2, 4, 2, 40, 64
+    q, k, v = _inputs(B, H, Hkv, L, D, gen)
+    kn, vn = (torch.randn(B, Hkv, 1, D, generator=gen).to(DEV, torch.float16) for _ in range(2))
+    cos = (torch.rand(B, 1, 1, D, generator=gen) + 0.5).to(DEV, torch.float16)
+    sin = torch.zeros_like(cos)
+    outs, keys = [], []
+    for rope in (True, False):
+        key, value, index = k.clone(), v.clone(), torch.tensor([9], device=DEV)
+        if rope:
+            args = (q, kn, vn, cos, sin)
+        else:
+            args = ((q.float() * cos.float()).half(), (kn.float() * cos.float()).half(), vn, None, None)
+        outs.append(ta.decode_append(*args, key, value, index, None, 2.0, True))
+        keys.append(key)
+    assert torch.equal(keys[0], keys[1])
+    assert _rel(outs[0], outs[1]) < 1e-5
+
+
 def test_decode_append_refuses_what_it_cannot_write(gen):
     q, k, v = _inputs(1, 4, 2, 40, 32, gen)
     kn = torch.randn(1, 2, 1, 32, generator=gen).to(DEV, torch.float16)
