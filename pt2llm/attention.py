@@ -189,10 +189,6 @@ def fused_decode(model):
             return out if out is not None else own(*args, **kwargs)
         return forward
 
-    for m in mods:
-        m.forward = fused(m)
-    try:
+    from .nn import patched_forwards
+    with patched_forwards(mods, fused):
         yield mods
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)

@@ -225,6 +225,19 @@ RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
 @contextlib.contextmanager
+def patched_forwards(mods, make):
+    """Within it each module's forward is make(module) (an instance attribute); on exit the
+    class's forward again."""
+    for m in mods:
+        m.forward = make(m)
+    try:
+        yield mods
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
 def fused_norms(model: nn.Module):
     """Within it, the model's RMSNorm modules (RMS_NORMS) run as one Triton kernel on CUDA
     outside torch.compile (kernels/triton_norm.py) instead of transformers' eight eager
@@ -244,10 +257,5 @@ def fused_norms(model: nn.Module):
             return own(h, *args, **kwargs)
         return forward
 
-    for m in mods:
-        m.forward = fused(m)
-    try:
+    with patched_forwards(mods, fused):
         yield mods
-    finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)
