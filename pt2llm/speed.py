@@ -138,10 +138,13 @@ class Decoder:
 
     @torch.no_grad()
     def _step(self) -> None:
+        from .kernels.dependent import dependent_launches
+
         self.mask.index_fill_(-1, self.pos, True)
-        out = self.forward(input_ids=self.ids, **{self._cache_arg: self.cache}, cache_position=self.pos,
-                           position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
-                           use_cache=True)
+        with dependent_launches():  # the weights are fixed here: each ternary launch may start early
+            out = self.forward(input_ids=self.ids, **{self._cache_arg: self.cache}, cache_position=self.pos,
+                               position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
+                               use_cache=True)
         self._choose(out.logits)
         self.pos.add_(1)
 

@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from . import lasting
+from .dependent import dependent_launch
 from .triton_ternary import split_count
 
 _SRC = r"""
@@ -124,6 +125,20 @@ __device__ __forceinline__ void cluster_sync() {
 __device__ __forceinline__ void cluster_exit_sync() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
+// Programmatic dependent launch (sm_90): `pdl_trigger` lets the next launch on the stream, if
+// it was launched as a dependent, start its CTAs (where an SM has room) before this grid ends;
+// `pdl_wait` waits until the grid before this one has completed and its writes are visible.
+// Without the launch attribute both do nothing.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
 __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
   u32 a = (u32)__cvta_generic_to_shared(p), r;
@@ -138,15 +153,24 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
 // norm, nw (h rn) with h = x + xu (2) or x (3) and rn the row's 1 / rms (M = 1), rounded to
 // fp16 where transformers' RMSNorm rounds. One instance each, so that each loop unrolls into
 // batched loads.
+// With `cols` (K < 65535), `stage_cols` has first left each column's index in its row-0 slot
+// (0xFFFF past K), which the same thread reads back here: the column order is a weight, so a
+// dependent launch reads it before its wait, and only x's loads come after.
 template <int XR, int MODE>
 __device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const u16* __restrict__ xu,
                                       const u16* __restrict__ nw, float rn,
                                       const void* __restrict__ perm, int perm32, int K, int M, int stride_xm,
-                                      int b0, int nblk, int per_split) {
+                                      int b0, int nblk, int per_split, bool cols) {
   #pragma unroll 4
   for (int idx = threadIdx.x; idx < nblk * 128; idx += 32 * WARPS) {
     const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
-    const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
+    int col;
+    if (cols) {
+      const u16 sc = xh[blk * 2 * RS + (c >> 5) * 40 + (c & 31)];
+      col = sc == 0xFFFF ? -1 : (int)sc;
+    } else {
+      col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
+    }
     #pragma unroll
     for (int r = 0; r < XR; ++r) {
       const long long at = (long long)r * stride_xm + col;
@@ -161,6 +185,16 @@ __device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const 
       }
       xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] = v;
     }
+  }
+}
+
+__device__ __forceinline__ void stage_cols(u16* xh, const void* __restrict__ perm, int perm32, int K, int b0,
+                                           int nblk) {
+  #pragma unroll 4
+  for (int idx = threadIdx.x; idx < nblk * 128; idx += 32 * WARPS) {
+    const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
+    const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : 0xFFFF;
+    xh[blk * 2 * RS + (c >> 5) * 40 + (c & 31)] = (u16)col;
   }
 }
 
@@ -272,24 +306,31 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   };
   fetch(b0);
 
-  // stage the activations of every block: x[m, perm[k]], silu(x) xu where xu is given, or
-  // the RMS norm of x (+ xu) where nw is (M = 1) ...
-  u16* xh = (u16*)xs;
-  if (nw) {
-    const float rn = inv_rms(x, xu, hout, K, eps);
-    if (xu) stage<XR, 2>(xh, x, xu, nw, rn, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
-    else stage<XR, 3>(xh, x, xu, nw, rn, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
-  } else if (xu) {
-    stage<XR, 1>(xh, x, xu, nw, 0.f, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
-  } else {
-    stage<XR, 0>(xh, x, xu, nw, 0.f, perm, perm32, K, M, stride_xm, b0, nblk, per_split);
-  }
-  // ... and the (alpha, mu) of the CTA's rows at its blocks (rows past N: row N - 1, never stored)
+  // the (alpha, mu) of the CTA's rows at its blocks (rows past N: row N - 1, never stored) ...
   #pragma unroll 4
   for (int idx = threadIdx.x; idx < nblk * ROWS; idx += THREADS) {
     const int row = idx / nblk, blk = idx - row * nblk;
     const long long at = (long long)min(n0 + row, N - 1) * NB + b0 + blk;
     am[blk * ROWS + row] = (u32)alpha[at] | ((u32)mu[at] << 16);
+  }
+  // ... and the column order of its blocks (for `stage`) ...
+  u16* xh = (u16*)xs;
+  const bool cols = K < 0xFFFF;
+  if (cols) stage_cols(xh, perm, perm32, K, b0, nblk);
+  // ... (only weights so far: launched as a dependent, this much runs while the kernel before
+  // it ends; the next launch may start its own once this one has waited) ...
+  pdl_wait();
+  pdl_trigger();
+  // ... then the activations of every block: x[m, perm[k]], silu(x) xu where xu is given, or
+  // the RMS norm of x (+ xu) where nw is (M = 1)
+  if (nw) {
+    const float rn = inv_rms(x, xu, hout, K, eps);
+    if (xu) stage<XR, 2>(xh, x, xu, nw, rn, perm, perm32, K, M, stride_xm, b0, nblk, per_split, cols);
+    else stage<XR, 3>(xh, x, xu, nw, rn, perm, perm32, K, M, stride_xm, b0, nblk, per_split, cols);
+  } else if (xu) {
+    stage<XR, 1>(xh, x, xu, nw, 0.f, perm, perm32, K, M, stride_xm, b0, nblk, per_split, cols);
+  } else {
+    stage<XR, 0>(xh, x, xu, nw, 0.f, perm, perm32, K, M, stride_xm, b0, nblk, per_split, cols);
   }
   __syncthreads();
 
@@ -665,6 +706,7 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 _CLUSTER_DIMENSION = 4          # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+_PROGRAMMATIC = 6               # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _NON_PORTABLE_CLUSTERS = 14     # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
@@ -726,7 +768,8 @@ class Launcher:
     cluster > 1 (sizes above 8 are allowed on the function first). This is a fraction of
     torch's launcher's host time: eager decoding launches one kernel a layer and token."""
 
-    def __init__(self, kern, grid, block, shared_mem: int, args, stream: int, cluster: int = 1):
+    def __init__(self, kern, grid, block, shared_mem: int, args, stream: int, cluster: int = 1,
+                 dependent: bool = False):
         lib = _driver()
         if cluster > 8 and not getattr(kern, "_pt2llm_large_clusters", False):
             rc = lib.cuFuncSetAttribute(kern.func, _NON_PORTABLE_CLUSTERS, 1)
@@ -737,13 +780,20 @@ class Launcher:
         self.values = (ctypes.c_uint64 * n)(*[_arg_value(a) for a in args])
         base = ctypes.addressof(self.values)
         self._pointers = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-        if cluster > 1:
-            self._attr = _LaunchAttribute(id=_CLUSTER_DIMENSION)
-            self._attr.value[0], self._attr.value[1], self._attr.value[2] = 1, cluster, 1
+        if cluster > 1 or dependent:
+            attrs = []
+            if cluster > 1:
+                attrs.append(_LaunchAttribute(id=_CLUSTER_DIMENSION))
+                attrs[-1].value[0], attrs[-1].value[1], attrs[-1].value[2] = 1, cluster, 1
+            if dependent:
+                attrs.append(_LaunchAttribute(id=_PROGRAMMATIC))
+                attrs[-1].value[0] = 1
+            self._attrs = (_LaunchAttribute * len(attrs))(*attrs)
             self._config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
-                                         ctypes.c_void_p(stream), ctypes.pointer(self._attr), 1)
+                                         ctypes.c_void_p(stream), self._attrs, len(attrs))
             self._call = lib.cuLaunchKernelEx, (ctypes.byref(self._config), kern.func, self._pointers, None)
-            self._what = f"cuLaunchKernelEx (a cluster of {cluster})"
+            self._what = (f"cuLaunchKernelEx (a cluster of {cluster}{', dependent' if dependent else ''})"
+                          if cluster > 1 else "cuLaunchKernelEx (dependent)")
         else:
             self._call = lib.cuLaunchKernel, (kern.func, *grid, *block, shared_mem, ctypes.c_void_p(stream),
                                               self._pointers, None)
@@ -937,7 +987,9 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends,
             0, 0, 0, 0]  # xu, nw, eps, hout: written at each call
     part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
-    return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1), M, n_outs, part_shape, x2.device)
+    dependent = dependent_launch() and cap >= (9, 0) and _cluster_launch()
+    return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1, dependent), M, n_outs, part_shape,
+                  x2.device)
 
 
 def dequant_supported(packed: torch.Tensor, alpha: torch.Tensor, inv_perm: torch.Tensor, block_size: int,

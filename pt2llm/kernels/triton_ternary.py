@@ -61,6 +61,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .dependent import dependent_launch
+
 FP16_STATE = tl.constexpr(0x14001400)  # 0x3C00 / 3 in each half
 FP16_KEEP = tl.constexpr(0x14FF14FF)   # next state: 3y mod 256, and 0x1400 of 0x3C00
 FP16_WEIGHT = tl.constexpr(0x3F003F00)  # 1.0's exponent and d: the fp16 number 1 + d/4
@@ -434,15 +436,16 @@ def _mma_launch(x2: torch.Tensor, layers, block_size: int):
     take another path. Eager decoding calls each layer once a token with the same shapes, so
     the choice and the prepared launch are remembered, per thread, under everything they
     depend on: the rows' count, width, stride, dtype and device, the stream, the layers'
-    tensors (addresses, shapes, strides, dtypes), the block size and the PT2LLM_CUDA_KERNEL /
-    PT2LLM_CUDA_TUNED settings. A launch is reused only for tensors at the same addresses
-    and of the same layout, so it writes the same pointers it would write anew."""
+    tensors (addresses, shapes, strides, dtypes), the block size, the PT2LLM_CUDA_KERNEL /
+    PT2LLM_CUDA_TUNED settings and whether launches are dependent (kernels/dependent.py). A
+    launch is reused only for tensors at the same addresses and of the same layout, so it
+    writes the same pointers it would write anew."""
     if x2.shape[0] > 16 or not x2.is_cuda:
         return None
     from . import cuda_ternary
     dev = x2.get_device()
     key = (x2.shape, x2.stride(0), x2.dtype, dev, cuda_ternary._stream(dev), block_size,
-           os.environ.get("PT2LLM_CUDA_KERNEL"), os.environ.get("PT2LLM_CUDA_TUNED"),
+           os.environ.get("PT2LLM_CUDA_KERNEL"), os.environ.get("PT2LLM_CUDA_TUNED"), dependent_launch(),
            *[_layer_key(*layer) for layer in layers])
     memo = _CHOSEN.__dict__.setdefault("memo", {})
     try:

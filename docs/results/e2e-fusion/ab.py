@@ -4,14 +4,15 @@ benchmarks/e2e.py's Llama-2-7B-shaped model, with the pt2llm package found on PY
 
     PYTHONPATH=$PWD python3 docs/results/e2e-fusion/ab.py TAG [--no-glu] [--no-norm] [--no-cache-write]
                                                               [--fp16] [--eager] [--eager-only] [--no-fused-norms]
-                                                              [--no-fused-decode]
+                                                              [--no-fused-decode] [--no-pdl]
 
 --no-glu / --no-norm / --no-cache-write switch off that rewrite of ops.backend (fuse_glu,
 fuse_norm, fuse_cache_write: session 23); --fp16 also times the fp16 model
 compiled, --eager the ternary model uncompiled, --eager-only that alone; --no-fused-norms runs
 the uncompiled step with transformers' own RMSNorm forward (no nn.fused_norms), --no-fused-decode
-with transformers' own attention forward (no attention.fused_decode: session 23). Run from the
-repository root on a GPU.
+with transformers' own attention forward (no attention.fused_decode: session 23); --no-pdl
+makes no ternary launch a dependent one (PT2LLM_PDL=0: session 24). Run from the repository
+root on a GPU.
 """
 import json
 import os
@@ -26,6 +27,8 @@ from pt2llm import speed  # noqa: E402
 from pt2llm.kernels import ops  # noqa: E402
 
 tag = sys.argv[1]
+if "--no-pdl" in sys.argv:
+    os.environ["PT2LLM_PDL"] = "0"
 if "--no-glu" in sys.argv:
     ops.fuse_glu = lambda gm: 0
 if "--no-norm" in sys.argv:
