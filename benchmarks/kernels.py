@@ -28,6 +28,7 @@ from triton.testing import do_bench
 
 from pt2llm import pack
 from pt2llm.kernels import cuda_ternary, triton_ternary as tt
+from pt2llm.kernels.dependent import dependent_launches
 from pt2llm.rotate import hadamard
 from pt2llm.rotate.online import hadamard_input, hadamard_input_torch
 
@@ -108,6 +109,14 @@ def paired_us(variants: dict, reps: int = 15) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _dependent(fn):
+    """fn() with the CUDA kernel's launches made dependent launches (kernels/dependent.py), as
+    in a decode step: back to back in one graph, each launch's start overlaps the previous
+    launch's end."""
+    with dependent_launches():
+        return fn()
+
+
 def check(L, x, y) -> float:
     w = tt.dequantize(L["packed"], L["alpha"], L["mu"], L["n_out"], 128, torch.float32)
     ref = x.float()[:, L["perm"].long()] @ w.T
@@ -140,9 +149,12 @@ def run(args):
                 err = check(L, x, y)
                 assert err < 2e-3, (n, k, m, p, err)
                 variants[p] = (lambda p=p, **c: tt.linear(x, **c, path=p), L)
+            if "mma" in names and cuda_ternary.dependent_possible(x):
+                variants["mma_dependent"] = (lambda **c: _dependent(lambda: tt.linear(x, **c, path="mma")), L)
             paths = paired_us(variants)
             fp16_us = paths.pop("fp16")
             used = tt.default_path(x, L["packed"], L["perm"], 128, L["n_out"])  # what linear() runs
+            dep_us = paths.pop("mma_dependent", None)
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
             fp16_share = (2 * n * k + 2 * m * k + 2 * m * n) / (fp16_us * 1e-6) / bw
@@ -151,10 +163,12 @@ def run(args):
                    "fp16_bandwidth_share": round(fp16_share, 3), "path": used,
                    "paths_us": {p: round(v, 2) for p, v in paths.items()}, "rel_error": float(f"{err:.2e}"),
                    "device": dev, "date": date}
+            if dep_us is not None:
+                row |= {"dependent_us": round(dep_us, 2), "speedup_dependent": round(fp16_us / dep_us, 2)}
             rows.append(row)
             print(f"{n:>6}x{k:<6} M={m:<5} fp16 {fp16_us:9.1f} us  ternary {t_us:9.1f} us ({used})  "
-                  f"x{fp16_us / t_us:5.2f}  bw {share:5.1%}  " + " ".join(f"{p}={v:.1f}" for p, v in paths.items()),
-                  flush=True)
+                  f"x{fp16_us / t_us:5.2f}  bw {share:5.1%}  " + " ".join(f"{p}={v:.1f}" for p, v in paths.items())
+                  + ("" if dep_us is None else f"  dependent {dep_us:.1f} us x{fp16_us / dep_us:5.2f}"), flush=True)
         del L, w16
     return rows, dev, date, bw
 
@@ -355,14 +369,21 @@ def write(rows, dev, date, bw, out: Path):
              f"`{json.dumps(tt.TUNING)}`, CUDA `{json.dumps(cuda_ternary.TUNING)}`, and for the shapes "
              "that `pt2llm/kernels/cuda_tuned.json` lists for this GPU (benchmarks/tune_cuda.py), its "
              "settings.", "",
+             "`mma`, dependent: the CUDA kernel's launches made programmatic dependent launches "
+             "(kernels/dependent.py), as a decode step makes them (speed.Decoder: `pt2llm bench`, `pt2llm "
+             "generate`): replayed back to back, each launch stages its codes, scales and column order while "
+             "the launch before it ends, so its start overlaps that launch's end. A layer in a decode step "
+             "follows another ternary launch (gate/up after o_proj, down after gate/up, q/k/v after down) or "
+             "the attention kernel. fp16's cuBLAS launches are not dependent ones.", "",
              "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | mma µs | fused µs | "
-             "dequant+cuBLAS µs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "dequant+cuBLAS µs | mma, dependent µs | speedup, dependent |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["paths_us"]
+        dep = (f"{r['dependent_us']} | {r['speedup_dependent']:.2f}x" if "dependent_us" in r else " | ")
         lines.append(f"| {r['shape']} | {r['M']} | {r['fp16_us']:.1f} | {r['ternary_us']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['bandwidth_share']:.0%} | {r['path']} | {p.get('mma', '')} | {p.get('fused', '')} | "
-                     f"{p.get('prefill', '')} |")
+                     f"{p.get('prefill', '')} | {dep} |")
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

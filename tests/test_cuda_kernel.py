@@ -7,6 +7,7 @@ import ctypes
 import glob
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ pytest.importorskip("triton")
 
 from pt2llm import pack  # noqa: E402
 from pt2llm.kernels import cuda_ternary as ct  # noqa: E402
+from pt2llm.kernels import dependent  # noqa: E402
 from pt2llm.kernels import triton_ternary as tt  # noqa: E402
 from tinymodels import random_ternary  # noqa: E402
 
@@ -198,6 +200,47 @@ def test_settings_come_from_the_tuned_table_for_its_gpu_and_shape(monkeypatch):
     assert ct._settings([4096], 4096, 1, "GPU A", {"warps": 4})["warps"] == 4  # `over` wins
     monkeypatch.setenv("PT2LLM_CUDA_TUNED", "0")
     assert ct._settings([4096], 4096, 1, "GPU A", {}) == small
+
+
+def test_dependent_launches_hold_in_their_scope_on_their_thread_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("PT2LLM_PDL", raising=False)
+    assert not dependent.dependent_launch()
+    with dependent.dependent_launches():
+        assert dependent.dependent_launch()
+        with dependent.dependent_launches(False):
+            assert not dependent.dependent_launch()
+        assert dependent.dependent_launch()
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(dependent.dependent_launch()))
+        other.start()
+        other.join()
+        assert seen == [False]
+        monkeypatch.setenv("PT2LLM_PDL", "0")
+        assert not dependent.dependent_launch()
+        monkeypatch.delenv("PT2LLM_PDL")
+    assert not dependent.dependent_launch()
+    with pytest.raises(KeyError):
+        with dependent.dependent_launches():
+            raise KeyError("out")
+    assert not dependent.dependent_launch()
+
+
+def test_a_dependent_launch_reads_only_weights_before_its_wait():
+    """In the kernel (its source), the first block's codes, the (alpha, mu) pairs and the
+    column order are read before griddepcontrol.wait; x, the norm's inputs and the split-K
+    buffers only after it, and the next launch is let start only once past it: what a
+    dependent launch may read before the kernel ahead of it has completed is weights only."""
+    src = ct.source()
+    body = src[src.index("ternary_mma("):]
+    wait, trigger = body.index("pdl_wait();"), body.index("pdl_trigger();")
+    assert wait < trigger
+    for before in ("fetch(b0);", "am[blk * ROWS + row] =", "stage_cols(xh, perm"):
+        assert body.index(before) < wait, before
+    for after in ("inv_rms(x", "stage<XR, 0>", "stage<XR, 1>", "stage<XR, 2>", "stage<XR, 3>", "part + ",
+                  "atomicAdd(counters", "out[(long long)"):
+        assert body.index(after) > trigger, after
+    staged = src[src.index("void stage_cols("):src.index("// 1 / rms of h")]
+    assert "x[" not in staged and "xu[" not in staged
 
 
 def test_without_cuda_the_triton_kernels_run():
@@ -545,3 +588,73 @@ def test_a_bias_of_another_dtype_is_converted_at_every_call():
         assert all(torch.equal(g, y) for g in tt.linear_group(x, tup, 128))
         assert tt._mma_launch(x, tup, 128) is None and tt._mma_launch(x, tup[:1], 128) is None
     assert tt._mma_launch(x, [(L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], 300)], 128) is not None
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(5, 65504), (7, 65536)])
+def test_widths_at_the_column_order_staging_limit(n, k):
+    """Below K = 65535 the kernel stages the column order in 16 bits before its wait
+    (stage_cols); from there on it reads it as it stages x. Both against float64."""
+    gen = torch.Generator().manual_seed(k)
+    L, w = _layer(n, k, gen, False)
+    assert L["perm"].dtype == torch.int32
+    for m in (1, 2, 9):
+        x = torch.randn(m, k, generator=gen).half()
+        ref = x.double()[:, L["perm"].long().cpu()] @ w.T
+        for splits in (None, 1, 7):
+            y = ct.matmul(x.cuda(), **L, n_out=n, splits=splits)
+            err = float((y.double().cpu() - ref).norm() / ref.norm())
+            assert err < 1e-3, (m, splits, err)
+
+
+@needs_cuda
+def test_dependent_launches_give_the_plain_launches_outputs_bit_for_bit():
+    """A chain as a decode step launches it: a layer, a q/k/v-like group, a down projection on
+    the SiLU product, and a group after a residual add and RMS norm, each reading the one
+    before. Prepared as dependent launches (sm_90), captured in a CUDA graph and replayed, and
+    called eagerly, every output is the plain launches' bit for bit."""
+    x = torch.randn(1, 1408, generator=torch.Generator().manual_seed(0)).half().cuda()
+    if not ct.dependent_possible(x):
+        pytest.skip("dependent launches need sm_90")
+    gen = torch.Generator().manual_seed(11)
+
+    def tup(n, k, bias=False):
+        L, _ = _layer(n, k, gen, bias)
+        return (L["packed"], L["alpha"], L["mu"], L["perm"], L["bias"], n)
+
+    first, gate_up, down, qkv = [tup(896, 1408, True)], [tup(704, 896), tup(704, 896)], [tup(1408, 704)], \
+        [tup(512, 1408), tup(128, 1408, True), tup(128, 1408)]
+    weight = (torch.rand(1408, generator=gen) + 0.5).half().cuda()
+    y1, y2, y3 = torch.empty(1, 896, device="cuda").half(), torch.empty(1, 704, device="cuda").half(), \
+        torch.empty(1, 1408, device="cuda").half()
+
+    def prepared():
+        return (ct.prepare(x, first), ct.prepare(y1, gate_up), ct.prepare(y2, down), ct.prepare(y3, qkv))
+
+    def chain(p):
+        a = p[0](x)[0]
+        g, u = p[1](a)
+        d = p[2](g, up2=u)[0]
+        return [a, g, u, d, *p[3](d, norm=(x, weight, 1e-6))]
+
+    plain = prepared()
+    with dependent.dependent_launches():
+        dep = prepared()
+    assert not any(p.launcher.dependent for p in plain) and all(p.launcher.dependent for p in dep)
+    want = chain(plain)
+    assert all(torch.isfinite(t.float()).all() for t in want)
+    assert all(torch.equal(a, b) for a, b in zip(chain(dep), want))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with dependent.dependent_launches():
+            dep = prepared()
+        chain(dep)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(dep)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

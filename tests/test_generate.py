@@ -230,6 +230,40 @@ def test_cuda_graph_tokens_match_eager(ternary):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
+def test_the_decode_steps_ternary_launches_are_dependent_ones(monkeypatch):
+    """speed.Decoder's step prepares the CUDA kernel's launches as programmatic dependent
+    launches (sm_90; kernels/dependent.py), the prefill's as plain ones; PT2LLM_PDL=0 makes
+    every launch plain, and the tokens are the same."""
+    from pt2llm.kernels import cuda_ternary as ct
+    from pt2llm.kernels import triton_ternary as tt
+
+    model = _cuda_model(ternary_seed=0)
+    prompt = torch.randint(0, 100, (1, 6), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    made, prepare = [], ct.prepare
+
+    def recording(*a, **k):
+        launch = prepare(*a, **k)
+        made.append((a[0].shape[0], launch.launcher.dependent))
+        return launch
+
+    monkeypatch.setattr(ct, "prepare", recording)
+    tt.forget_launches()
+    dep = speed.generate(model, prompt, 16, check_every=4)
+    if ct.dependent_possible(prompt):
+        assert {d for m, d in made if m == 1} == {True} and {d for m, d in made if m == 6} == {False}
+    else:
+        assert not any(d for _, d in made)
+    made.clear()
+    monkeypatch.setenv("PT2LLM_PDL", "0")
+    tt.forget_launches()
+    plain = speed.generate(model, prompt, 16, check_every=4)
+    assert made and not any(d for _, d in made)
+    assert dep["decode_mode"] == plain["decode_mode"] == "cuda-graph"
+    assert torch.equal(dep["tokens"], plain["tokens"])
+    tt.forget_launches()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
 def test_cuda_graph_samples_like_eager():
     """The graph replays draw the eager step's noise: the same seed, the same tokens."""
     model = _cuda_model()

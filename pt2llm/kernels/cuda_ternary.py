@@ -38,7 +38,12 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
   given an RMS norm's weight (`Matmul(x2, norm=(delta2, weight, eps))`, one row: a decoder
   layer's q/k/v or gate/up after its norm), it first sums the squares of h = x + delta over the
   whole row, then stages the norm of h, and the CTA at grid (0, 0) writes h out: no kernel
-  before it forms the residual add or the norm.
+  before it forms the residual add or the norm;
+- launched as a programmatic dependent launch (kernels/dependent.py: the decode step of
+  speed.Decoder), a CTA reads only weights before `griddepcontrol.wait`: its first block's
+  codes, its (alpha, mu) pairs and its blocks' column order (kept in the slots its activations
+  will take, K < 65535); so that much overlaps the end of the kernel before it, and after the
+  wait only x is gathered. Past the wait it lets the next launch start its CTAs.
 
 Decoding: with d_i = code + 1 the digits of byte q, A_i = floor(3^(i+1) q / 256) = 3 A_(i-1)
 + d_i (pack.pack_trit_rows stores q = ceil(256 v / 243)). Multiplying the 16-bit half that
@@ -762,7 +767,8 @@ def norm_supported(x2: torch.Tensor, delta2, weight) -> bool:
 
 class Launcher:
     """One kernel launch (a kernel from torch.cuda._compile_kernel, its grid, block, shared
-    memory, stream and cluster size) with its arguments written once into ctypes slots.
+    memory, stream, cluster size and whether it is a programmatic dependent launch) with its
+    arguments written once into ctypes slots.
     Calling it launches; between calls `values[i] = ...` refills the slots that change (the
     driver copies the values when the launch is made). Cluster dims are (1, cluster, 1) when
     cluster > 1 (sizes above 8 are allowed on the function first). This is a fraction of
@@ -776,6 +782,7 @@ class Launcher:
             if rc != 0:
                 raise RuntimeError(f"cuFuncSetAttribute(non-portable cluster size) failed with CUDA error {rc}")
             kern._pt2llm_large_clusters = True
+        self.dependent = dependent
         n = len(args)
         self.values = (ctypes.c_uint64 * n)(*[_arg_value(a) for a in args])
         base = ctypes.addressof(self.values)
@@ -870,6 +877,12 @@ def _plan(M: int, K: int, NB: int, packed_rows: list[int], n_outs: list[int], de
     if cl:
         smem = max(smem, 4 * M * rows)  # the cluster fix-up's sums reuse the CTA's shared memory
     return settings, tiles, splits, cl, smem
+
+
+def dependent_possible(x: torch.Tensor) -> bool:
+    """Whether the kernel's launches on x's GPU can be programmatic dependent launches (sm_90
+    and the driver's cuLaunchKernelEx); inside kernels.dependent.dependent_launches they are."""
+    return _capability(_device(x)) >= (9, 0) and _cluster_launch()
 
 
 def clustered(x2: torch.Tensor, layers) -> bool:
@@ -987,7 +1000,7 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends,
             0, 0, 0, 0]  # xu, nw, eps, hout: written at each call
     part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
-    dependent = dependent_launch() and cap >= (9, 0) and _cluster_launch()
+    dependent = dependent_launch() and dependent_possible(x2)
     return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1, dependent), M, n_outs, part_shape,
                   x2.device)
 
