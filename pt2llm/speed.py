@@ -75,7 +75,7 @@ class Decoder:
         if attention not in ("pt2llm", "model"):
             raise ValueError(f"attention must be 'pt2llm' or 'model', got {attention!r}")
         dev = next(model.parameters()).device
-        self.model, self.max_len = model, max_len
+        self.model, self.max_len, self.compiled = model, max_len, compile
         self._attn_before = None
         if attention == "pt2llm":  # the model's attention function until close(); prefill falls back to SDPA
             from . import attention as attn
@@ -141,7 +141,10 @@ class Decoder:
         from .kernels.dependent import dependent_launches
 
         self.mask.index_fill_(-1, self.pos, True)
-        with dependent_launches():  # the weights are fixed here: each ternary launch may start early
+        # the weights are fixed here: in the compiled step each ternary launch may start early
+        # (most follow another ternary launch there); the uncompiled step's follow other kernels,
+        # where dependent launches measured 3 % slower (docs/results/e2e.md, session 24)
+        with dependent_launches(self.compiled):
             out = self.forward(input_ids=self.ids, **{self._cache_arg: self.cache}, cache_position=self.pos,
                                position_ids=self.pos[None].expand(self.ids.shape[0], 1), attention_mask=self.mask,
                                use_cache=True)

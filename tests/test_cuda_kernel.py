@@ -131,9 +131,11 @@ def test_source_compiles_without_register_spills(arch, tmp_path):
     for warps, minb in sorted(settings):
         for nt, m1 in ((1, True), (1, False), (2, False)):
             cubin = _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch, ct.options(warps, minb))
-            if arch == "90":  # the cluster fix-up (sm_90 only) compiles too
+            if arch == "90":  # the cluster fix-up (sm_90 only) compiles too, and so do dependent launches'
                 _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch,
                          ct.options(warps, minb, 16))
+                _compile(lib, f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", arch,
+                         ct.options(warps, minb, 16, dependent=True))
             if tool is None or (nt == 2 and warps == 8):
                 continue
             f = tmp_path / "k.cubin"
@@ -593,8 +595,9 @@ def test_a_bias_of_another_dtype_is_converted_at_every_call():
 @needs_cuda
 @pytest.mark.parametrize("n,k", [(5, 65504), (7, 65536)])
 def test_widths_at_the_column_order_staging_limit(n, k):
-    """Below K = 65535 the kernel stages the column order in 16 bits before its wait
-    (stage_cols); from there on it reads it as it stages x. Both against float64."""
+    """Built for dependent launches, below K = 65535 the kernel stages the column order in 16
+    bits before its wait (stage_cols); from there on (and in plain launches) it reads it as it
+    stages x. Each against float64, and dependent launches as plain ones bit for bit."""
     gen = torch.Generator().manual_seed(k)
     L, w = _layer(n, k, gen, False)
     assert L["perm"].dtype == torch.int32
@@ -605,6 +608,8 @@ def test_widths_at_the_column_order_staging_limit(n, k):
             y = ct.matmul(x.cuda(), **L, n_out=n, splits=splits)
             err = float((y.double().cpu() - ref).norm() / ref.norm())
             assert err < 1e-3, (m, splits, err)
+            with dependent.dependent_launches():
+                assert torch.equal(ct.matmul(x.cuda(), **L, n_out=n, splits=splits), y)
 
 
 @needs_cuda

@@ -230,10 +230,11 @@ def test_cuda_graph_tokens_match_eager(ternary):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs CUDA")
-def test_the_decode_steps_ternary_launches_are_dependent_ones(monkeypatch):
-    """speed.Decoder's step prepares the CUDA kernel's launches as programmatic dependent
-    launches (sm_90; kernels/dependent.py), the prefill's as plain ones; PT2LLM_PDL=0 makes
-    every launch plain, and the tokens are the same."""
+def test_the_compiled_steps_ternary_launches_are_dependent_ones(monkeypatch):
+    """speed.Decoder's compiled step prepares the CUDA kernel's launches as programmatic
+    dependent launches (sm_90; kernels/dependent.py); the uncompiled step's, the prefill's and,
+    with PT2LLM_PDL=0, every launch are plain ones; the compiled step's tokens are the same
+    either way."""
     from pt2llm.kernels import cuda_ternary as ct
     from pt2llm.kernels import triton_ternary as tt
 
@@ -247,19 +248,20 @@ def test_the_decode_steps_ternary_launches_are_dependent_ones(monkeypatch):
         return launch
 
     monkeypatch.setattr(ct, "prepare", recording)
-    tt.forget_launches()
-    dep = speed.generate(model, prompt, 16, check_every=4)
-    if ct.dependent_possible(prompt):
-        assert {d for m, d in made if m == 1} == {True} and {d for m, d in made if m == 6} == {False}
-    else:
-        assert not any(d for _, d in made)
-    made.clear()
-    monkeypatch.setenv("PT2LLM_PDL", "0")
-    tt.forget_launches()
-    plain = speed.generate(model, prompt, 16, check_every=4)
-    assert made and not any(d for _, d in made)
-    assert dep["decode_mode"] == plain["decode_mode"] == "cuda-graph"
-    assert torch.equal(dep["tokens"], plain["tokens"])
+    runs = {}
+    for name, compile, pdl in (("eager", False, "1"), ("compiled", True, "1"), ("compiled, off", True, "0")):
+        monkeypatch.setenv("PT2LLM_PDL", pdl)
+        made.clear()
+        tt.forget_launches()
+        runs[name] = speed.generate(model, prompt, 16, check_every=4, compile=compile)
+        assert made and runs[name]["decode_mode"].startswith("cuda-graph")
+        # the compiled steps' launches (one row) are dependent; the prefills' (the prompt's six
+        # rows, and the one-token prefill before the graph's capture) are not
+        if name == "compiled" and ct.dependent_possible(prompt):
+            assert (1, True) in made and (1, False) in made and {d for m, d in made if m == 6} == {False}
+        else:
+            assert not any(d for _, d in made), name
+    assert torch.equal(runs["compiled"]["tokens"], runs["compiled, off"]["tokens"])
     tt.forget_launches()
 
 

@@ -91,6 +91,9 @@ typedef unsigned char u8;
 #ifndef CL
 #define CL 1                 // > 1: the CL splits of a column tile are one thread-block cluster
 #endif                       // (sm_90; launched with cluster dims (1, CL, 1): _launch)
+#ifndef DEP
+#define DEP 0                // 1: built for dependent launches (kernels/dependent.py): the column
+#endif                       // order staged before the wait too (stage_cols)
 #define RS 84                // words a block's row of staged activations takes (4 chunks of 16, padded)
 #define ROWS (WARPS * 80)    // weight rows a CTA
 
@@ -320,7 +323,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   }
   // ... and the column order of its blocks (for `stage`) ...
   u16* xh = (u16*)xs;
-  const bool cols = K < 0xFFFF;
+  const bool cols = DEP && K < 0xFFFF;  // (1.3 % slower end to end in plain launches: not there)
   if (cols) stage_cols(xh, perm, perm32, K, b0, nblk);
   // ... (only weights so far: launched as a dependent, this much runs while the kernel before
   // it ends; the next launch may start its own once this one has waited) ...
@@ -576,9 +579,9 @@ def _variant(m: int) -> tuple[int, bool]:
     return (1 if m <= 8 else 2), m == 1
 
 
-def options(warps: int, minb: int, cluster: int = 1, minb2: int = 2) -> list[str]:
+def options(warps: int, minb: int, cluster: int = 1, minb2: int = 2, dependent: bool = False) -> list[str]:
     return (["-std=c++17", f"-DWARPS={warps}", f"-DMINB={minb}"] + ([f"-DCL={cluster}"] if cluster > 1 else [])
-            + ([f"-DMINB2={minb2}"] if minb2 != 2 else []))
+            + ([f"-DMINB2={minb2}"] if minb2 != 2 else []) + (["-DDEP=1"] if dependent else []))
 
 
 def _device(t: torch.Tensor) -> int:
@@ -595,12 +598,14 @@ def _compile(name: str, capability: tuple[int, int], opts: tuple[str, ...]):
                           nvcc_options=list(opts))
 
 
-def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1, minb2: int = 2):
+def _kernel(m: int, capability: tuple[int, int], warps: int, minb: int, cluster: int = 1, minb2: int = 2,
+            dependent: bool = False):
     """The mma kernel that takes M = m rows, with these launch settings (cluster > 1: its
-    splits are one cluster of that many CTAs; minb2: CTAs an SM of the M > 8 variant)."""
+    splits are one cluster of that many CTAs; minb2: CTAs an SM of the M > 8 variant;
+    dependent: built for dependent launches)."""
     nt, m1 = _variant(m)
     return _compile(f"ternary_mma<{nt}, {'true' if m1 else 'false'}>", capability,
-                    tuple(options(warps, minb, cluster, minb2 if nt == 2 else 2)))
+                    tuple(options(warps, minb, cluster, minb2 if nt == 2 else 2, dependent)))
 
 
 def _final_splits(blocks: int, splits: int) -> int:
@@ -984,7 +989,8 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     settings, tiles, splits, cl, smem = _plan(M, K, NB, [layer[0].shape[0] for layer in layers],
                                               n_outs, dev, splits, cluster, over)
     per = -(-NB // splits)
-    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"])
+    dependent = dependent_launch() and dependent_possible(x2)
+    kern = _kernel(M, cap, settings["warps"], settings["minb"], cl or 1, settings["minb2"], dependent)
     stream = _stream(dev)
     counters = _counters(dev, stream)
     # the kernel's MAX_GROUP slots: unused ones repeat the last layer (never read: no tiles)
@@ -1000,7 +1006,6 @@ def prepare(x2: torch.Tensor, layers, splits: int | None = None, cluster: bool |
     args = [0, *tensors, *outs_part, counters, M, *n, K, NB, x2.stride(0), per, splits, int(perm32), bias_mask, *ends,
             0, 0, 0, 0]  # xu, nw, eps, hout: written at each call
     part_shape = (splits, M, sum(n_outs)) if splits > 1 and not cl else None
-    dependent = dependent_launch() and dependent_possible(x2)
     return Matmul(Launcher(kern, grid, block, smem, args, stream, cl or 1, dependent), M, n_outs, part_shape,
                   x2.device)
 

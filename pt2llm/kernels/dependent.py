@@ -11,7 +11,10 @@ q/k/v after down) so hide most of each launch's start behind the previous one's 
 
 What a CTA reads before its wait may be written by the kernel just before it without the write
 being seen. So launches are dependent only where the weights stay fixed, inside
-`dependent_launches()`: speed.Decoder's decode step (pt2llm bench / generate) turns it on.
+`dependent_launches()`: speed.Decoder's compiled decode step (pt2llm bench / generate
+--compile) turns it on; there a 7B-shape step decodes 12 % faster (docs/results/e2e.md,
+session 24). Not in the uncompiled step, where every ternary launch follows another kernel (a
+norm, the attention, the SiLU product) and dependent launches measured 3 % slower.
 PT2LLM_PDL=0 turns it off everywhere.
 """
 from __future__ import annotations
