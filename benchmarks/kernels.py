@@ -163,12 +163,13 @@ def run(args):
                    "fp16_bandwidth_share": round(fp16_share, 3), "path": used,
                    "paths_us": {p: round(v, 2) for p, v in paths.items()}, "rel_error": float(f"{err:.2e}"),
                    "device": dev, "date": date}
-            if dep_us is not None:
+            if dep_us is not None and used == "mma":  # where the layer takes another path, so would a decode step
                 row |= {"dependent_us": round(dep_us, 2), "speedup_dependent": round(fp16_us / dep_us, 2)}
             rows.append(row)
             print(f"{n:>6}x{k:<6} M={m:<5} fp16 {fp16_us:9.1f} us  ternary {t_us:9.1f} us ({used})  "
                   f"x{fp16_us / t_us:5.2f}  bw {share:5.1%}  " + " ".join(f"{p}={v:.1f}" for p, v in paths.items())
-                  + ("" if dep_us is None else f"  dependent {dep_us:.1f} us x{fp16_us / dep_us:5.2f}"), flush=True)
+                  + ("" if "dependent_us" not in row else f"  dependent {dep_us:.1f} us x{fp16_us / dep_us:5.2f}"),
+                  flush=True)
         del L, w16
     return rows, dev, date, bw
 
@@ -369,12 +370,13 @@ def write(rows, dev, date, bw, out: Path):
              f"`{json.dumps(tt.TUNING)}`, CUDA `{json.dumps(cuda_ternary.TUNING)}`, and for the shapes "
              "that `pt2llm/kernels/cuda_tuned.json` lists for this GPU (benchmarks/tune_cuda.py), its "
              "settings.", "",
-             "`mma`, dependent: the CUDA kernel's launches made programmatic dependent launches "
-             "(kernels/dependent.py), as a decode step makes them (speed.Decoder: `pt2llm bench`, `pt2llm "
-             "generate`): replayed back to back, each launch stages its codes, scales and column order while "
-             "the launch before it ends, so its start overlaps that launch's end. A layer in a decode step "
-             "follows another ternary launch (gate/up after o_proj, down after gate/up, q/k/v after down) or "
-             "the attention kernel. fp16's cuBLAS launches are not dependent ones.", "",
+             "`mma`, dependent (where `mma` is the layer's path): the CUDA kernel's launches made "
+             "programmatic dependent launches (kernels/dependent.py), as the compiled decode step makes "
+             "them (speed.Decoder with compile: `pt2llm bench --compile`, `pt2llm generate --compile`): "
+             "replayed back to back, each launch stages its codes, scales and column order while the launch "
+             "before it ends, so its start overlaps that launch's end. In a decode step a layer follows "
+             "another ternary launch (gate/up after o_proj, down after gate/up, q/k/v after down) or the "
+             "attention kernel. fp16's cuBLAS launches are not dependent ones.", "",
              "| shape | M | fp16 µs | ternary µs | speedup | bandwidth share | path | mma µs | fused µs | "
              "dequant+cuBLAS µs | mma, dependent µs | speedup, dependent |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
