@@ -39,11 +39,12 @@ Layout of the work (format 2 packing, pack.pack_trit_rows; 128-column blocks):
   layer's q/k/v or gate/up after its norm), it first sums the squares of h = x + delta over the
   whole row, then stages the norm of h, and the CTA at grid (0, 0) writes h out: no kernel
   before it forms the residual add or the norm;
-- launched as a programmatic dependent launch (kernels/dependent.py: the decode step of
-  speed.Decoder), a CTA reads only weights before `griddepcontrol.wait`: its first block's
-  codes, its (alpha, mu) pairs and its blocks' column order (kept in the slots its activations
-  will take, K < 65535); so that much overlaps the end of the kernel before it, and after the
-  wait only x is gathered. Past the wait it lets the next launch start its CTAs.
+- launched as a programmatic dependent launch (kernels/dependent.py: speed.Decoder's compiled
+  decode step), a CTA reads only weights before `griddepcontrol.wait`: its first block's codes,
+  its (alpha, mu) pairs and, in the build for these launches (DEP) where K < 65535, its blocks'
+  column order (kept in the slots its activations will take); so that much overlaps the end of
+  the kernel before it, and after the wait only x is gathered. Past the wait it lets the next
+  launch start its CTAs.
 
 Decoding: with d_i = code + 1 the digits of byte q, A_i = floor(3^(i+1) q / 256) = 3 A_(i-1)
 + d_i (pack.pack_trit_rows stores q = ceil(256 v / 243)). Multiplying the 16-bit half that
