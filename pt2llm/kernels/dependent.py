@@ -4,11 +4,11 @@ On sm_90 a kernel launched as a programmatic dependent may start its CTAs before
 ahead of it on the stream has finished: as soon as that kernel lets it (the ternary kernel
 lets its successor start once it has itself waited for its predecessor; a kernel that says
 nothing, once its CTAs have exited) and an SM has room. Its CTAs then load what does not
-depend on that kernel (here the first block's codes, the CTAs' (alpha, mu) pairs and column
-order: weights) and wait
-(`griddepcontrol.wait`) for it to complete before they read anything else. Consecutive
-ternary launches of a decode step (gate/up after o_proj, down after gate/up, the next layer's
-q/k/v after down) so hide most of each launch's start behind the previous one's end.
+depend on that kernel (here weights: the first block's codes, the CTAs' (alpha, mu) pairs and
+column order) and wait (`griddepcontrol.wait`) for it to complete before they read anything
+else. Consecutive ternary launches of a compiled decode step (gate/up after o_proj, down after
+gate/up, the next layer's q/k/v after down) so hide most of each launch's start behind the
+previous one's end.
 
 What a CTA reads before its wait may be written by the kernel just before it without the write
 being seen. So launches are dependent only where the weights stay fixed, inside
