@@ -144,16 +144,16 @@ def run(args):
             if m <= 16 and cuda_ternary.supported(x, L["packed"], L["perm"], 128):
                 names = ["mma", *names]
             variants = {"fp16": (lambda w: F.linear(x, w), {"w": w16})}
+            used = tt.default_path(x, L["packed"], L["perm"], 128, L["n_out"])  # what linear() runs
             for p in names:
                 y = tt.linear(x, **L, path=p)
                 err = check(L, x, y)
                 assert err < 2e-3, (n, k, m, p, err)
                 variants[p] = (lambda p=p, **c: tt.linear(x, **c, path=p), L)
-            if "mma" in names and cuda_ternary.dependent_possible(x):
+            if used == "mma" and cuda_ternary.dependent_possible(x):  # as a decode step would launch it
                 variants["mma_dependent"] = (lambda **c: _dependent(lambda: tt.linear(x, **c, path="mma")), L)
             paths = paired_us(variants)
             fp16_us = paths.pop("fp16")
-            used = tt.default_path(x, L["packed"], L["perm"], 128, L["n_out"])  # what linear() runs
             dep_us = paths.pop("mma_dependent", None)
             t_us = paths[used]
             share = ternary_bytes(L, m, k) / (t_us * 1e-6) / bw
@@ -163,13 +163,12 @@ def run(args):
                    "fp16_bandwidth_share": round(fp16_share, 3), "path": used,
                    "paths_us": {p: round(v, 2) for p, v in paths.items()}, "rel_error": float(f"{err:.2e}"),
                    "device": dev, "date": date}
-            if dep_us is not None and used == "mma":  # where the layer takes another path, so would a decode step
+            if dep_us is not None:
                 row |= {"dependent_us": round(dep_us, 2), "speedup_dependent": round(fp16_us / dep_us, 2)}
             rows.append(row)
             print(f"{n:>6}x{k:<6} M={m:<5} fp16 {fp16_us:9.1f} us  ternary {t_us:9.1f} us ({used})  "
                   f"x{fp16_us / t_us:5.2f}  bw {share:5.1%}  " + " ".join(f"{p}={v:.1f}" for p, v in paths.items())
-                  + ("" if "dependent_us" not in row else f"  dependent {dep_us:.1f} us x{fp16_us / dep_us:5.2f}"),
-                  flush=True)
+                  + ("" if dep_us is None else f"  dependent {dep_us:.1f} us x{fp16_us / dep_us:5.2f}"), flush=True)
         del L, w16
     return rows, dev, date, bw
 

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .kernels.dependent import dependent_launches
 from .sampling import GREEDY, Sampling, next_tokens
 
 
@@ -138,8 +139,6 @@ class Decoder:
 
     @torch.no_grad()
     def _step(self) -> None:
-        from .kernels.dependent import dependent_launches
-
         self.mask.index_fill_(-1, self.pos, True)
         # the weights are fixed here: in the compiled step each ternary launch may start early
         # (most follow another ternary launch there); the uncompiled step's follow other kernels,

@@ -162,6 +162,15 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
 // norm, nw (h rn) with h = x + xu (2) or x (3) and rn the row's 1 / rms (M = 1), rounded to
 // fp16 where transformers' RMSNorm rounds. One instance each, so that each loop unrolls into
 // batched loads.
+// Where a staged activation goes: row r, block blk (of the CTA's), column c of the block.
+__device__ __forceinline__ int xslot(int r, int blk, int c, int per_split) {
+  return (r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31);
+}
+// The original column of stored column k (k < K).
+__device__ __forceinline__ int column(const void* __restrict__ perm, int perm32, int k) {
+  return perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k];
+}
+
 // With `cols` (K < 65535), `stage_cols` has first left each column's index in its row-0 slot
 // (0xFFFF past K), which the same thread reads back here: the column order is a weight, so a
 // dependent launch reads it before its wait, and only x's loads come after.
@@ -175,10 +184,10 @@ __device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const 
     const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
     int col;
     if (cols) {
-      const u16 sc = xh[blk * 2 * RS + (c >> 5) * 40 + (c & 31)];
+      const u16 sc = xh[xslot(0, blk, c, per_split)];
       col = sc == 0xFFFF ? -1 : (int)sc;
     } else {
-      col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : -1;
+      col = k < K ? column(perm, perm32, k) : -1;
     }
     #pragma unroll
     for (int r = 0; r < XR; ++r) {
@@ -192,18 +201,17 @@ __device__ __forceinline__ void stage(u16* xh, const u16* __restrict__ x, const 
           v = f2h(h2f(nw[col]) * h2f(f2h(h2f(h) * rn)));
         }
       }
-      xh[(r * per_split + blk) * 2 * RS + (c >> 5) * 40 + (c & 31)] = v;
+      xh[xslot(r, blk, c, per_split)] = v;
     }
   }
 }
 
 __device__ __forceinline__ void stage_cols(u16* xh, const void* __restrict__ perm, int perm32, int K, int b0,
-                                           int nblk) {
+                                           int nblk, int per_split) {
   #pragma unroll 4
   for (int idx = threadIdx.x; idx < nblk * 128; idx += 32 * WARPS) {
     const int k = b0 * 128 + idx, c = idx & 127, blk = idx >> 7;
-    const int col = k < K ? (perm32 ? ((const int*)perm)[k] : (int)((const short*)perm)[k]) : 0xFFFF;
-    xh[blk * 2 * RS + (c >> 5) * 40 + (c & 31)] = (u16)col;
+    xh[xslot(0, blk, c, per_split)] = (u16)(k < K ? column(perm, perm32, k) : 0xFFFF);
   }
 }
 
@@ -325,7 +333,7 @@ __global__ void __launch_bounds__(32 * WARPS, NT == 1 ? MINB : MINB2) ternary_mm
   // ... and the column order of its blocks (for `stage`) ...
   u16* xh = (u16*)xs;
   const bool cols = DEP && K < 0xFFFF;  // (1.3 % slower end to end in plain launches: not there)
-  if (cols) stage_cols(xh, perm, perm32, K, b0, nblk);
+  if (cols) stage_cols(xh, perm, perm32, K, b0, nblk, per_split);
   // ... (only weights so far: launched as a dependent, this much runs while the kernel before
   // it ends; the next launch may start its own once this one has waited) ...
   pdl_wait();
@@ -805,8 +813,8 @@ class Launcher:
             self._config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
                                          ctypes.c_void_p(stream), self._attrs, len(attrs))
             self._call = lib.cuLaunchKernelEx, (ctypes.byref(self._config), kern.func, self._pointers, None)
-            self._what = (f"cuLaunchKernelEx (a cluster of {cluster}{', dependent' if dependent else ''})"
-                          if cluster > 1 else "cuLaunchKernelEx (dependent)")
+            what = ([f"a cluster of {cluster}"] if cluster > 1 else []) + (["dependent"] if dependent else [])
+            self._what = f"cuLaunchKernelEx ({', '.join(what)})"
         else:
             self._call = lib.cuLaunchKernel, (kern.func, *grid, *block, shared_mem, ctypes.c_void_p(stream),
                                               self._pointers, None)
